@@ -1,0 +1,1 @@
+"""The seed's segmentation model, its data format, metrics and exactly resumable chunk training."""

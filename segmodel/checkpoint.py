@@ -1,0 +1,74 @@
+"""Checkpoints on storage: written to a temporary name and renamed, verified by checksum on load."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segmodel.errors import CheckpointError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """A reader sees the old file or the complete new one, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save(obj: Any, path: Path) -> str:
+    """torch.save obj to path atomically; the sha256 goes to a sidecar written after the file.
+
+    A crash between the two leaves a file without a checksum, which counts as absent, so a
+    checkpoint is only ever used once it is complete and verified.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(_sidecar(path), f"{digest}  {path.name}\n".encode())
+    return digest
+
+
+def verified_bytes(path: Path) -> bytes:
+    """The file's bytes if they match the recorded checksum; CheckpointError names what is wrong."""
+    side = _sidecar(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    if not side.is_file():
+        raise CheckpointError(f"{path}: no checksum file {side.name} (an interrupted write)")
+    expected = side.read_text().split()[0]
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"{path}: checksum mismatch (expected {expected[:12]}…, file has {actual[:12]}…, {len(data)} bytes)")
+    return data
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """Verify, then load with weights_only=True: a checkpoint can never run code."""
+    data = verified_bytes(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: does not load ({exc})") from exc
+
+
+def is_valid(path: Path) -> bool:
+    try:
+        verified_bytes(path)
+    except CheckpointError:
+        return False
+    return True

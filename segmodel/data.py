@@ -1,0 +1,137 @@
+"""The seed's data format: a list file of image/annotation pairs, the R channel holding class ids."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from segmodel.errors import DataError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    annotation: Path
+    list_file: Path
+    line: int
+
+
+def _ade_annotation_for(image: Path) -> Path:
+    """ADEChallengeData2016 layout: images/<split>/X.jpg -> annotations/<split>/X.png."""
+    parts = list(image.parts)
+    if "images" not in parts:
+        raise ValueError("no 'images' folder in the path to map to 'annotations'")
+    i = len(parts) - 1 - parts[::-1].index("images")
+    parts[i] = "annotations"
+    return Path(*parts).with_suffix(".png")
+
+
+def read_list(list_file: Path | str) -> list[Sample]:
+    """Parse a list file; paths are relative to it. Raises DataError naming file and line."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError("list file does not exist", list_file=list_file)
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"list file is not UTF-8 text ({exc.reason} at byte {exc.start})", list_file=list_file) from exc
+    root = list_file.parent
+    samples: list[Sample] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        fields = raw.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) > 2:
+            raise DataError(f"expected 'image [annotation]', got {len(fields)} fields", list_file=list_file, line=n)
+        image = root / fields[0]
+        if len(fields) == 2:
+            annotation = root / fields[1]
+        else:
+            try:
+                annotation = _ade_annotation_for(image)
+            except ValueError as exc:
+                raise DataError(f"{exc}; give the annotation path as a second field", list_file=list_file, line=n, path=image) from exc
+        samples.append(Sample(image, annotation, list_file, n))
+    if not samples:
+        raise DataError("list file names no samples", list_file=list_file)
+    return samples
+
+
+def _open(sample: Sample, path: Path) -> Image.Image:
+    if not path.is_file():
+        raise DataError("file does not exist", list_file=sample.list_file, line=sample.line, path=path)
+    try:
+        img = Image.open(path)
+        img.load()  # decode now: a truncated file fails here, not later in a worker
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"unreadable or truncated image ({exc})", list_file=sample.list_file, line=sample.line, path=path) from exc
+    return img
+
+
+def load_sample(sample: Sample, height: int, width: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize one pair: (H x W x 3 uint8 RGB, H x W uint8 class ids)."""
+    img = _open(sample, sample.image)
+    ann = _open(sample, sample.annotation)
+    if img.size != ann.size:
+        raise DataError(
+            f"annotation size {ann.size[0]}x{ann.size[1]} differs from image size {img.size[0]}x{img.size[1]} "
+            f"({sample.image})",
+            list_file=sample.list_file, line=sample.line, path=sample.annotation,
+        )
+    labels = np.asarray(ann)
+    if labels.ndim == 3:  # RGB(A): the class id is the R channel
+        labels = labels[..., 0]
+    top = int(labels.max())
+    if top > num_classes - 1:
+        raise DataError(
+            f"class id {top} above num_classes - 1 = {num_classes - 1}",
+            list_file=sample.list_file, line=sample.line, path=sample.annotation,
+        )
+    rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
+    lab = Image.fromarray(labels.astype(np.uint8)).resize((width, height), Image.NEAREST)
+    return np.asarray(rgb, dtype=np.uint8), np.asarray(lab, dtype=np.uint8)
+
+
+def to_tensors(rgb: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet-normalised CHW float image and HW int64 labels, as the seed fed the model."""
+    x = (rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+class SegmentationDataset(Dataset):
+    def __init__(self, list_file: Path | str, height: int = 240, width: int = 240, num_classes: int = 101) -> None:
+        self.samples = read_list(list_file)
+        self.height, self.width, self.num_classes = height, width, num_classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_tensors(*load_sample(self.samples[i], self.height, self.width, self.num_classes))
+
+
+def check_dataset(list_file: Path | str, num_classes: int = 101) -> tuple[int, list[DataError]]:
+    """Validate every sample of a list file; returns (samples checked, every problem found)."""
+    try:
+        samples = read_list(list_file)
+    except DataError as exc:
+        return 0, [exc]
+    errors: list[DataError] = []
+    for s in samples:
+        try:
+            load_sample(s, 64, 64, num_classes)
+        except DataError as exc:
+            errors.append(exc)
+    return len(samples), errors
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample order of an epoch: a function of (seed, epoch) only, never of the process."""
+    return np.random.default_rng([seed, epoch]).permutation(n)

@@ -1,0 +1,43 @@
+"""The errors Relay raises on purpose; each names the file, line, field or value at fault."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RelayError(Exception):
+    """Base of every error Relay raises deliberately (as opposed to bugs)."""
+
+
+class DataError(RelayError):
+    """A dataset problem: retrying will not fix it, the data must change."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        list_file: Path | None = None,
+        line: int | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.problem = problem
+        self.list_file = list_file
+        self.line = line
+        self.path = path
+        where = ""
+        if list_file is not None:
+            where = f"{list_file}:{line}: " if line is not None else f"{list_file}: "
+        if path is not None:
+            where += f"{path}: "
+        super().__init__(where + problem)
+
+
+class PretrainedWeightsUnavailable(RelayError):
+    """Pretrained backbone weights were asked for but cannot be had (offline, missing file)."""
+
+
+class CheckpointError(RelayError):
+    """A checkpoint is missing, truncated, or fails its checksum."""
+
+
+class TrainingError(RelayError):
+    """Training cannot go on: a non-finite loss, or a spec the model cannot run."""

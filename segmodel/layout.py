@@ -1,0 +1,55 @@
+"""Where one job's files live under its folder on shared storage."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    root: Path
+
+    @property
+    def spec_file(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.root / "weights"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def commit_log(self) -> Path:
+        return self.root / "commits.jsonl"
+
+    @property
+    def report_file(self) -> Path:
+        return self.root / "eval" / "report.json"
+
+    @property
+    def predictions_file(self) -> Path:
+        return self.root / "eval" / "predictions.png"
+
+    def weight(self, epoch: int) -> Path:
+        return self.weights_dir / f"weight{epoch}.pt"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step{step}.pt"
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps with a full-state checkpoint file on storage, newest first (validity not checked)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        steps = [int(p.stem[4:]) for p in self.checkpoints_dir.glob("step*.pt") if p.stem[4:].isdigit()]
+        return sorted(steps, reverse=True)

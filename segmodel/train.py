@@ -1,0 +1,185 @@
+"""Chunk training, the worker's core: load the full state at a step, train a range of steps, save.
+
+Written as a plain loop over the LightningModule rather than a Lightning Trainer: exact resumption
+mid-epoch needs the data position and RNG state in the checkpoint, which Lightning's own
+checkpoints do not reliably restore (Lightning #17543, #18098, #20550).
+"""
+from __future__ import annotations
+
+import platform
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from segmodel import checkpoint
+from segmodel.data import SegmentationDataset, epoch_order, read_list
+from segmodel.errors import CheckpointError, TrainingError
+from segmodel.layout import JobLayout
+from segmodel.model import SegmentationNN, build_model
+from segmodel.spec import ChunkPlan, TrainSpec
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class ChunkResult:
+    start_step: int
+    end_step: int
+    epoch: float
+    loss_last: float
+    loss_mean: float
+    seconds: float
+    images_per_s: float
+    checkpoint_sha256: str
+    environment: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where a chunk ran: bitwise equality holds only across equal values of these."""
+    env: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def pick_device(spec: TrainSpec) -> torch.device:
+    return torch.device("cuda") if spec.queue == "gpu" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _fresh_state(spec: TrainSpec, device: torch.device) -> tuple[SegmentationNN, torch.optim.Optimizer]:
+    torch.manual_seed(spec.seed)
+    model = build_model(spec).to(device)
+    return model, model.configure_optimizers()
+
+
+def _restore(spec: TrainSpec, path: Path, device: torch.device, step: int) -> tuple[SegmentationNN, torch.optim.Optimizer]:
+    state = checkpoint.load(path)
+    if state.get("step") != step or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: holds step {state.get('step')} (format {state.get('format')}), expected step {step}")
+    # The backbone's weights come from the checkpoint: never download them again to resume.
+    model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
+    model.load_state_dict(state["model"])
+    model.to(device)
+    optimizer = model.configure_optimizers()
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return model, optimizer
+
+
+def _cpu_state(sd: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in sd.items()}
+
+
+def _optimizer_cpu_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    sd = optimizer.state_dict()
+    return {"state": {k: _cpu_state(v) for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+
+
+def _batches(plan: ChunkPlan, n: int, seed: int, batch_size: int, start: int, end: int) -> list[list[int]]:
+    """The sample indices of global steps [start, end): they depend only on (seed, epoch, step)."""
+    batches: list[list[int]] = []
+    orders: dict[int, list[int]] = {}
+    for g in range(start, end):
+        epoch, s = divmod(g, plan.steps_per_epoch)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed, epoch).tolist()
+        batches.append(orders[epoch][s * batch_size : (s + 1) * batch_size])
+    return batches
+
+
+def train_steps(
+    spec: TrainSpec,
+    job_dir: Path | str,
+    start: int,
+    end: int,
+    *,
+    device: torch.device | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> ChunkResult:
+    """Train global steps [start, end) from the full-state checkpoint at `start` (or the seed at 0).
+
+    Writes weight<E>.pt for every epoch E completed in the range and the full-state checkpoint at
+    `end`, both atomically. Same spec and start state, same bits out, whichever process runs it.
+    """
+    layout = JobLayout(Path(job_dir))
+    device = device or pick_device(spec)
+    dataset = SegmentationDataset(spec.train, spec.height, spec.width, spec.num_classes)
+    plan = ChunkPlan(spec, len(dataset))
+    if not 0 <= start < end <= plan.total_steps:
+        raise ValueError(f"step range [{start}, {end}) outside the job's 0..{plan.total_steps}")
+    if start == 0:
+        model, optimizer = _fresh_state(spec, device)
+    else:
+        model, optimizer = _restore(spec, layout.checkpoint(start), device, start)
+    model.train()
+    loader = DataLoader(
+        dataset,
+        batch_sampler=_batches(plan, len(dataset), spec.seed, spec.batch_size, start, end),
+        num_workers=spec.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    images = 0
+    for g, (x, y) in enumerate(loader, start=start):
+        t_step = time.perf_counter()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.compute_loss(x, y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss {loss.item()} at step {g} (epoch {g // plan.steps_per_epoch + 1})")
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        losses.append(value)
+        images += x.shape[0]
+        done = g + 1
+        if done % plan.steps_per_epoch == 0:
+            checkpoint.save(_cpu_state(model.state_dict()), layout.weight(done // plan.steps_per_epoch))
+        if on_step is not None:
+            dt = time.perf_counter() - t_step
+            on_step({"step": done, "epoch": plan.epoch_of(done), "loss": value,
+                     "lr": optimizer.param_groups[0]["lr"], "images_per_s": x.shape[0] / dt if dt > 0 else 0.0})
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": end,
+        "model": _cpu_state(model.state_dict()),
+        "optimizer": _optimizer_cpu_state(optimizer),
+        "rng_cpu": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    digest = checkpoint.save(state, layout.checkpoint(end))
+    seconds = time.perf_counter() - t0
+    return ChunkResult(
+        start_step=start, end_step=end, epoch=plan.epoch_of(end),
+        loss_last=losses[-1], loss_mean=sum(losses) / len(losses),
+        seconds=seconds, images_per_s=images / seconds if seconds > 0 else 0.0,
+        checkpoint_sha256=digest, environment=environment(device),
+    )
+
+
+def train_chunk(spec: TrainSpec, job_dir: Path | str, chunk: int, **kwargs: Any) -> ChunkResult:
+    """Train chunk k: from the checkpoint that chunk k-1 wrote to the one chunk k+1 starts from."""
+    plan = ChunkPlan(spec, len(read_list(spec.train)))
+    if not 0 <= chunk < plan.n_chunks:
+        raise ValueError(f"chunk {chunk} outside the job's 0..{plan.n_chunks - 1}")
+    return train_steps(spec, job_dir, plan.start(chunk), plan.end(chunk), **kwargs)
