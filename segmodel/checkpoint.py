@@ -44,6 +44,15 @@ def save(obj: Any, path: Path) -> str:
 
 def verified_bytes(path: Path) -> bytes:
     """The file's bytes if they match the recorded checksum; CheckpointError names what is wrong."""
+    return _verified(path)[0]
+
+
+def verified_digest(path: Path) -> str:
+    """The file's sha256 once verified against its recorded checksum."""
+    return _verified(path)[1]
+
+
+def _verified(path: Path) -> tuple[bytes, str]:
     side = _sidecar(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint does not exist")
@@ -54,7 +63,7 @@ def verified_bytes(path: Path) -> bytes:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise CheckpointError(f"{path}: checksum mismatch (expected {expected[:12]}…, file has {actual[:12]}…, {len(data)} bytes)")
-    return data
+    return data, actual
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> Any:

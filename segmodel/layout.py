@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from segmodel import checkpoint
+
 
 @dataclass(frozen=True)
 class JobLayout:
@@ -53,3 +55,7 @@ class JobLayout:
             return []
         steps = [int(p.stem[4:]) for p in self.checkpoints_dir.glob("step*.pt") if p.stem[4:].isdigit()]
         return sorted(steps, reverse=True)
+
+    def newest_good_checkpoint(self, before: int) -> int:
+        """The newest step <= `before` whose checkpoint verifies; 0 (the seed) if none does."""
+        return next((s for s in self.checkpoint_steps() if s <= before and checkpoint.is_valid(self.checkpoint(s))), 0)

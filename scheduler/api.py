@@ -1,0 +1,127 @@
+"""The HTTP API under /api (FastAPI; OpenAPI at /openapi.json). The root path is the dashboard's."""
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+
+from scheduler.control import Control, SpecRejected, TransitionRefused
+from scheduler.jobs import JobNotFound
+from segmodel.spec import TrainSpec
+from worker.settings import Settings
+
+
+def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
+    control = control or Control(settings)
+    api = FastAPI(title="Relay", version="0.1.0", description="A job queue for chunked deep-learning training.")
+
+    def require_token(request: Request) -> None:
+        """Changes need the bearer token when one is configured; compared in constant time."""
+        if not settings.api_token:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.api_token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer $RELAY_API_TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def found(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except JobNotFound as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except TransitionRefused as exc:
+            raise HTTPException(409, str(exc)) from exc
+
+    @api.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True, "storage": str(settings.storage), "broker": "embedded" if settings.embedded else "redis"}
+
+    @api.post("/api/jobs", status_code=201, dependencies=[Depends(require_token)])
+    def submit(spec: TrainSpec) -> dict[str, Any]:
+        try:
+            job_id, _ = control.submit(spec)
+        except SpecRejected as exc:
+            raise HTTPException(422, [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]) from exc
+        return control.view(job_id)
+
+    @api.get("/api/jobs")
+    def jobs() -> list[dict[str, Any]]:
+        out = []
+        for job_id in control.store.ids():
+            try:
+                out.append(control.view(job_id))
+            except JobNotFound:
+                continue
+        return out
+
+    @api.get("/api/jobs/{job_id}")
+    def job(job_id: str) -> dict[str, Any]:
+        return found(lambda: control.view(job_id))
+
+    @api.post("/api/jobs/{job_id}/cancel", dependencies=[Depends(require_token)])
+    def cancel(job_id: str) -> dict[str, Any]:
+        found(lambda: control.cancel(job_id))
+        return control.view(job_id)
+
+    @api.post("/api/jobs/{job_id}/pause", dependencies=[Depends(require_token)])
+    def pause(job_id: str) -> dict[str, Any]:
+        found(lambda: control.pause(job_id))
+        return control.view(job_id)
+
+    @api.post("/api/jobs/{job_id}/resume", dependencies=[Depends(require_token)])
+    def resume(job_id: str) -> dict[str, Any]:
+        found(lambda: control.resume(job_id))
+        return control.view(job_id)
+
+    @api.get("/api/jobs/{job_id}/weights")
+    def weights(job_id: str, epoch: int | None = Query(None, ge=1)) -> FileResponse:
+        spec = found(lambda: control.store.spec(job_id))
+        state = control.store.state(job_id)
+        layout = control.store.layout(job_id)
+        e = epoch if epoch is not None else min(spec.epochs, state.step // state.steps_per_epoch)
+        path = layout.weight(e)
+        if e < 1 or not path.is_file():
+            raise HTTPException(404, f"job {job_id} has no weights for epoch {e} yet")
+        return FileResponse(path, media_type="application/octet-stream", filename=f"weight{e}.pt")
+
+    @api.get("/api/jobs/{job_id}/report")
+    def report(job_id: str) -> dict[str, Any]:
+        layout = found(lambda: control.store.layout(job_id))
+        found(lambda: control.store.state(job_id))
+        if not layout.report_file.is_file():
+            raise HTTPException(404, f"job {job_id} has no evaluation yet")
+        return {**json.loads(layout.report_file.read_text()), "predictions_url": f"/api/jobs/{job_id}/predictions.png"}
+
+    @api.get("/api/jobs/{job_id}/predictions.png")
+    def predictions(job_id: str) -> FileResponse:
+        layout = found(lambda: control.store.layout(job_id))
+        if not layout.predictions_file.is_file():
+            raise HTTPException(404, f"job {job_id} has no prediction picture yet")
+        return FileResponse(layout.predictions_file, media_type="image/png")
+
+    @api.get("/api/jobs/{job_id}/metrics")
+    def metrics(job_id: str, since_step: int = Query(0, ge=0)) -> list[dict[str, Any]]:
+        """Per-step metrics; a step trained twice (a retried chunk) appears once, the latest."""
+        layout = found(lambda: control.store.layout(job_id))
+        found(lambda: control.store.state(job_id))
+        by_step: dict[int, dict[str, Any]] = {}
+        if layout.metrics_file.is_file():
+            for line in layout.metrics_file.read_text().splitlines():
+                try:
+                    m = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a killed trainer
+                if m.get("step", 0) > since_step:
+                    by_step[m["step"]] = m
+        return [by_step[k] for k in sorted(by_step)]
+
+    @api.get("/api/queue")
+    def queue() -> dict[str, Any]:
+        return control.queue()
+
+    return api

@@ -1,0 +1,305 @@
+"""The `relay` command line. Exit codes: 0 ok, 1 job failed or cancelled, 2 bad input, 3 not found,
+4 API unreachable."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from scheduler.client import ApiError, Client
+from scheduler.views import print_job, print_report, print_status, watch_job
+from segmodel.errors import RelayError
+from segmodel.spec import TrainSpec
+from worker.settings import Settings
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 1, 2, 3, 4
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"relay: {message}", err=True)
+    sys.exit(code)
+
+
+def _api_code(exc: ApiError) -> int:
+    return {0: EXIT_UNREACHABLE, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_BAD_INPUT if 400 <= exc.status < 500 else EXIT_FAILED)
+
+
+def _client() -> Client:
+    s = Settings()
+    return Client(s.api_url, s.api_token)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ApiError as exc:
+        _fail(str(exc), _api_code(exc))
+
+
+def spec_options(f: Any) -> Any:
+    """The job options shared by `submit` and `run`."""
+    options = [
+        click.option("--train", "train", required=True, type=click.Path(), help="list file of training samples"),
+        click.option("--val", "val", required=True, type=click.Path(), help="list file of validation samples"),
+        click.option("--epochs", type=int, default=20, show_default=True),
+        click.option("--chunk-steps", type=int, default=None, help="steps per chunk (default: one epoch)"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--batch-size", type=int, default=16, show_default=True),
+        click.option("--lr", type=float, default=1e-2, show_default=True),
+        click.option("--height", type=int, default=240, show_default=True),
+        click.option("--width", type=int, default=240, show_default=True),
+        click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes"),
+        click.option("--no-pretrained", is_flag=True, help="random backbone instead of ImageNet AlexNet weights"),
+        click.option("--pretrained-path", type=click.Path(), default=None, help="local AlexNet weights file"),
+        click.option("--queue", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _spec(kw: dict[str, Any]) -> TrainSpec:
+    fields = {k: v for k, v in kw.items() if k in TrainSpec.model_fields and v is not None}
+    fields["pretrained"] = not kw["no_pretrained"]
+    for key in ("train", "val", "pretrained_path"):
+        if fields.get(key):
+            fields[key] = os.path.abspath(fields[key])
+    try:
+        return TrainSpec(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        _fail(f"invalid job spec: {problems}", EXIT_BAD_INPUT)
+        raise
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Relay: chunked training on a job queue. Submit a job; any worker trains its next chunk."""
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+@main.group()
+def data() -> None:
+    """Make, convert and check datasets in the seed's format."""
+
+
+@data.command("synthetic")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--train", "n_train", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--val", "n_val", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(32, 2048), default=128, show_default=True, help="image side in pixels")
+@click.option("--classes", type=click.IntRange(1, 100), default=10, show_default=True)
+def data_synthetic(out: str, n_train: int, n_val: int, seed: int, size: int, classes: int) -> None:
+    """Generate a learnable dataset (class decides shape colour and texture). Same seed, same bytes."""
+    from segmodel.synthetic import generate
+
+    lists = generate(Path(out), n_train, n_val, seed=seed, size=size, classes=classes)
+    click.echo(f"wrote {n_train} training and {n_val} validation samples: {lists['train']} {lists['val']}")
+
+
+@data.command("ade20k")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+def data_ade20k(root: str, out: str) -> None:
+    """Convert ADEChallengeData2016 (150 classes) to the 100 thing classes + void."""
+    from segmodel.ade20k import convert_ade20k
+
+    try:
+        stats = convert_ade20k(Path(root), Path(out))
+    except RelayError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(", ".join(f"{split}: {n} samples" for split, n in stats.items()) + f" -> {out}")
+
+
+@data.command("check")
+@click.argument("list_file", type=click.Path())
+@click.option("--num-classes", type=int, default=101, show_default=True)
+def data_check(list_file: str, num_classes: int) -> None:
+    """Validate every sample of a list file and report every bad one at once."""
+    from segmodel.data import check_dataset
+
+    checked, errors = check_dataset(Path(list_file), num_classes)
+    for err in errors:
+        click.echo(str(err), err=True)
+    click.echo(f"{checked} samples checked, {len(errors)} bad")
+    sys.exit(EXIT_BAD_INPUT if errors else 0)
+
+
+# ---- jobs through the API -------------------------------------------------------------------
+
+
+@main.command()
+@spec_options
+@click.option("--json", "as_json", is_flag=True, help="print the job as JSON")
+def submit(as_json: bool, **kw: Any) -> None:
+    """Submit a job; prints its id."""
+    job = _call(_client().submit, _spec(kw).model_dump())
+    click.echo(json.dumps(job) if as_json else job["id"])
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def status(job_id: str | None, as_json: bool) -> None:
+    """Queue depths, workers and jobs; or one job in detail."""
+    client = _client()
+    if job_id:
+        job = _call(client.job, job_id)
+        click.echo(json.dumps(job)) if as_json else print_job(job)
+        return
+    queue, jobs = _call(client.queue), _call(client.jobs)
+    if as_json:
+        click.echo(json.dumps({**queue, "jobs": jobs}))
+    else:
+        print_status(queue, jobs)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--interval", type=float, default=1.0, show_default=True)
+def watch(job_id: str, interval: float) -> None:
+    """A live progress bar with loss and ETA until the job ends."""
+    client = _client()
+    job = watch_job(lambda: _call(client.job, job_id), interval)
+    sys.exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("-o", "--output", type=click.Path(), default=".", show_default=True, help="file or folder")
+@click.option("--epoch", type=click.IntRange(1), default=None, help="default: the latest epoch")
+def fetch(job_id: str, output: str, epoch: int | None) -> None:
+    """Download a job's weights (weight<E>.pt, a plain state_dict)."""
+    path = _call(_client().download_weights, job_id, Path(output), epoch)
+    click.echo(str(path))
+
+
+def _action(verb: str) -> None:
+    @main.command(verb, help=f"{verb.capitalize()} a job.")
+    @click.argument("job_id")
+    @click.option("--json", "as_json", is_flag=True)
+    def command(job_id: str, as_json: bool) -> None:
+        job = _call(_client().action, job_id, verb)
+        click.echo(json.dumps(job) if as_json else f"{job['id']}: {job['state']}")
+
+
+for _verb in ("cancel", "pause", "resume"):
+    _action(_verb)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def report(job_id: str, as_json: bool) -> None:
+    """The evaluation: mIoU, pixel accuracy, per-class IoU, the prediction picture."""
+    rep = _call(_client().report, job_id)
+    click.echo(json.dumps(rep)) if as_json else print_report(rep)
+
+
+# ---- services -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--queues", default="cpu", show_default=True, help="comma-separated: cpu, gpu")
+@click.option("--name", default=None, help="node name (default: host.pid)")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(queues: str, name: str | None, loglevel: str) -> None:
+    """Start a worker: one chunk at a time, from the given queues."""
+    import socket
+
+    node = name or os.environ.get("RELAY_NODE") or f"{socket.gethostname()}.{os.getpid()}"
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()]
+    # Pool children build their settings from the environment: hand them ours.
+    os.environ["RELAY_NODE"] = node
+    os.environ["RELAY_QUEUES"] = json.dumps(queue_list)
+    from worker.app import make_app
+
+    settings = Settings()
+    argv = ["worker", "-Q", ",".join(queue_list), "-n", f"relay@{node}", "-c", "1", "-P", "prefork", f"--loglevel={loglevel}"]
+    if settings.embedded:
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    make_app(settings).worker_main(argv)
+
+
+@main.command()
+@click.option("--host", default=None, help="default: RELAY_HOST or 127.0.0.1")
+@click.option("--port", type=int, default=None, help="default: RELAY_PORT or 8000")
+def scheduler(host: str | None, port: int | None) -> None:
+    """Start the scheduler: the API (and dashboard) plus the reconciler."""
+    import uvicorn
+
+    from scheduler.api import make_api
+    from scheduler.control import Control
+    from scheduler.reconciler import Reconciler
+
+    settings = Settings()
+    control = Control(settings)
+    app = make_api(settings, control)
+    reconciler = Reconciler(control.store, control.broker, control.leases, settings.reconcile_interval_s, settings.reconcile_grace_s)
+    reconciler.start()
+    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="info")
+    reconciler.stop()
+
+
+@main.command()
+@spec_options
+@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True, help="local worker processes")
+def run(workers: int, **kw: Any) -> None:
+    """Run a job start to end on the embedded default (no Redis, no Docker): print the evaluation
+    and the final weights' path."""
+    from scheduler.control import Control, SpecRejected
+    from scheduler.reconciler import Reconciler
+
+    settings = Settings().model_copy(update={"broker_url": None})
+    spec = _spec(kw)
+    control = Control(settings)
+    try:
+        job_id, _ = control.submit(spec)
+    except SpecRejected as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(f"job {job_id}: {control.store.state(job_id).n_chunks} chunks; storage {settings.storage}")
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_BROKER_URL"}
+    env["RELAY_STORAGE"] = str(settings.storage)
+    logs = settings.storage / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(workers):
+        name = f"embedded-{i + 1}"
+        with open(logs / f"{name}.log", "ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "scheduler.cli", "worker", "--queues", spec.queue,
+                                           "--name", name], env=env, stdout=log, stderr=subprocess.STDOUT))
+    click.echo(f"{workers} worker(s) started; logs in {logs}")
+    reconciler = Reconciler(control.store, control.broker, control.leases, settings.reconcile_interval_s, settings.reconcile_grace_s)
+    reconciler.start()
+    try:
+        job = watch_job(lambda: control.view(job_id), 0.5)
+    finally:
+        reconciler.stop()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    layout = control.store.layout(job_id)
+    if job["state"] != "succeeded":
+        _fail(f"job {job_id} {job['state']}: {job['reason'] or job['last_error']}", EXIT_FAILED)
+    print_report(json.loads(layout.report_file.read_text()))
+    click.echo(f"final weights: {layout.weight(spec.epochs)}")
+    click.echo(f"job {job_id} succeeded in {time.time() - job['created_at']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

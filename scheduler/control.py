@@ -1,0 +1,121 @@
+"""What users can do to jobs: submit, cancel, pause, resume, look. Shared by the API and `relay run`."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from scheduler.broker import Broker
+from scheduler.jobs import JobState, JobStatus, JobStore
+from segmodel import checkpoint
+from segmodel.errors import DataError
+from segmodel.spec import TrainSpec
+from worker.app import make_app
+from worker.lease import make_leases
+from worker.registry import online
+from worker.settings import Settings
+
+
+class SpecRejected(ValueError):
+    """A spec that passed type checks but cannot run; names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class TransitionRefused(ValueError):
+    """The job's status does not allow the asked change (e.g. resuming a succeeded job)."""
+
+
+class Control:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.storage)
+        self.app = make_app(settings)
+        self.broker = Broker(self.app, settings)
+        self.leases = make_leases(settings.broker_url, settings.storage, settings.lease_ttl_s)
+
+    def _check_paths(self, spec: TrainSpec) -> TrainSpec:
+        """Absolute list-file paths under the allowed data roots; the files must parse."""
+        update = {}
+        for field in ("train", "val"):
+            path = Path(getattr(spec, field))
+            if not path.is_absolute():
+                base = self.settings.data_roots[0] if self.settings.data_roots else Path.cwd()
+                path = base / path
+            path = path.resolve()
+            roots = [r.resolve() for r in self.settings.data_roots]
+            if roots and not any(path.is_relative_to(r) for r in roots):
+                raise SpecRejected(field, f"{path} is outside the allowed data roots ({', '.join(map(str, roots))})")
+            update[field] = str(path)
+        return spec.model_copy(update=update)
+
+    def submit(self, spec: TrainSpec) -> tuple[str, JobState]:
+        spec = self._check_paths(spec)
+        try:
+            job_id, _ = self.store.create(spec)
+        except DataError as exc:
+            field = "val" if exc.list_file is not None and str(exc.list_file) == spec.val else "train"
+            raise SpecRejected(field, str(exc)) from exc
+        return job_id, self.broker.dispatch(self.store, job_id, "submitted")
+
+    def cancel(self, job_id: str) -> JobState:
+        def stop(s: JobState) -> None:
+            if s.status.final:
+                raise TransitionRefused(f"job {job_id} is already {s.status.value}")
+            s.set_status(JobStatus.cancelled, "cancelled by user", "cancelled by user")
+
+        return self.store.update(job_id, stop)[0]
+
+    def pause(self, job_id: str) -> JobState:
+        def hold(s: JobState) -> None:
+            if not s.status.active:
+                raise TransitionRefused(f"job {job_id} is {s.status.value}, not queued or running")
+            s.set_status(JobStatus.paused, "paused by user (the chunk in progress finishes)")
+
+        return self.store.update(job_id, hold)[0]
+
+    def resume(self, job_id: str) -> JobState:
+        """Continue a paused, failed or cancelled job from its last good checkpoint."""
+        layout = self.store.layout(job_id)
+
+        def go(s: JobState) -> None:
+            if s.status not in (JobStatus.paused, JobStatus.failed, JobStatus.cancelled):
+                raise TransitionRefused(f"job {job_id} is {s.status.value}; only paused, failed or cancelled jobs resume")
+            if s.step > 0 and not checkpoint.is_valid(layout.checkpoint(s.step)):
+                s.rewind_to(layout.newest_good_checkpoint(before=s.step), f"checkpoint at step {s.step} is missing or corrupt")
+            s.attempts, s.last_error = 0, None
+            s.set_status(JobStatus.running if s.history else JobStatus.queued, f"resumed by user at chunk {s.chunk}")
+
+        self.store.update(job_id, go)
+        return self.broker.dispatch(self.store, job_id, "resumed")
+
+    def view(self, job_id: str) -> dict[str, Any]:
+        spec, state = self.store.spec(job_id), self.store.state(job_id)
+        done = [h for h in state.history if h.seconds > 0]
+        per_step = sum(h.seconds for h in done) / max(sum(h.end_step - h.start_step for h in done), 1) if done else None
+        eta = per_step * (state.total_steps - state.step) if per_step is not None and state.status.active else None
+        return {
+            "id": job_id,
+            "state": state.status.value,
+            "spec": spec.model_dump(),
+            "progress": {"chunk": state.chunk, "n_chunks": state.n_chunks, "step": state.step,
+                         "total_steps": state.total_steps, "epoch": state.epoch, "epochs": spec.epochs,
+                         "fraction": state.step / state.total_steps},
+            "last_loss": state.last_loss,
+            "eta_s": eta,
+            "worker": self.leases.holder(job_id) if state.status.active else None,
+            "reason": state.reason,
+            "last_error": state.last_error,
+            "attempts": state.attempts,
+            "created_at": state.created_at,
+            "updated_at": state.updated_at,
+            "history": [h.model_dump() for h in state.history],
+            "events": [e.model_dump() for e in state.events],
+            "has_report": self.store.layout(job_id).report_file.is_file(),
+        }
+
+    def queue(self) -> dict[str, Any]:
+        return {"queues": self.broker.depths(), "workers": online(self.settings.storage), "at": time.time()}

@@ -1,0 +1,66 @@
+"""Workers online and what each is doing, as heartbeat files on shared storage.
+
+Works the same on Redis and on the embedded transport, and survives a flushed broker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from segmodel.checkpoint import atomic_write_bytes
+
+BEAT_S = 2.0
+
+
+class WorkerRegistry:
+    def __init__(self, storage: Path, node: str, queues: list[str]) -> None:
+        self.path = Path(storage) / "workers" / f"{node}.json"
+        self.record: dict[str, Any] = {"node": node, "pid": os.getpid(), "queues": queues, "job": None,
+                                       "chunk": None, "since": None, "started_at": time.time()}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        with self._lock:
+            record = {**self.record, "last_seen": time.time()}
+        atomic_write_bytes(self.path, json.dumps(record).encode())
+
+    def start(self) -> None:
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="relay-registry", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(BEAT_S):
+            try:
+                self._write()
+            except OSError:
+                pass  # storage hiccup: the next beat tries again
+
+    def doing(self, job: str | None, chunk: int | str | None) -> None:
+        with self._lock:
+            self.record.update(job=job, chunk=chunk, since=time.time() if job else None)
+        self._write()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.path.unlink(missing_ok=True)
+
+
+def online(storage: Path, max_age_s: float = 4 * BEAT_S) -> list[dict[str, Any]]:
+    folder = Path(storage) / "workers"
+    now = time.time()
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if now - record.get("last_seen", 0) <= max_age_s:
+            found.append(record)
+    return found

@@ -1,0 +1,46 @@
+"""Relay's configuration: one validated object from defaults and RELAY_* environment variables."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RELAY_", extra="ignore")
+
+    storage: Path = Field(Path("relay-storage"), description="shared storage root: jobs, checkpoints, reports")
+    broker_url: str | None = Field(
+        None, description="redis://... ; unset = embedded filesystem transport under the storage root"
+    )
+    api_url: str = "http://127.0.0.1:8000"
+    api_token: str | None = Field(None, description="bearer token the API requires for changes")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    node: str = Field(default_factory=socket.gethostname, description="this worker's name")
+    queues: list[str] = Field(["cpu"], description="queues this worker consumes: cpu, gpu")
+    lease_ttl_s: float = Field(30.0, gt=0, description="a lease not renewed for this long is dead")
+    max_attempts: int = Field(3, ge=1, le=100, description="tries per chunk before the job fails")
+    visibility_timeout_s: int = Field(
+        7 * 24 * 3600, ge=1, description="Redis redelivers unacked messages after this; keep it above any chunk"
+    )
+    reconcile_interval_s: float = Field(5.0, gt=0)
+    reconcile_grace_s: float = Field(
+        20.0, ge=0, description="how long a running job may have no lease and no message before it is re-enqueued"
+    )
+    data_roots: list[Path] = Field(default_factory=list, description="list files must lie under one of these (empty: anywhere)")
+
+    @field_validator("storage")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.lease_ttl_s / 3

@@ -1,0 +1,282 @@
+"""The chunk protocol: a message (job_id, chunk) moves a job exactly one chunk forward, or nothing.
+
+On receipt: drop it if the job is past that chunk, not active, or leased by another worker; else
+take the lease, count the attempt, train in the trainer process while a heartbeat renews the lease,
+commit with a compare-and-set (the job must still be at this chunk and the lease still ours),
+enqueue the next chunk (or the evaluation), release. Storage, not the broker, says where a job
+stands, so duplicated, stale and redelivered messages are harmless.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import shared_task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from scheduler.broker import Broker
+from scheduler.jobs import ChunkRecord, JobNotFound, JobState, JobStatus, JobStore, append_jsonl
+from segmodel import checkpoint
+from segmodel.data import read_list
+from segmodel.spec import ChunkPlan
+from worker.app import EVAL_TASK, TRAIN_TASK, make_app
+from worker.lease import Leases, make_leases
+from worker.registry import WorkerRegistry
+from worker.settings import Settings
+from worker.trainer import Cancelled, TrainerCrashed, TrainerFailed, TrainerProcess
+
+log = logging.getLogger("relay.worker")
+STATE_POLL_S = 1.0
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: JobStore
+    broker: Broker
+    leases: Leases
+    trainer: TrainerProcess
+    registry: WorkerRegistry
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """This process's collaborators, built once from the environment."""
+    global _runtime
+    if _runtime is None:
+        s = Settings()
+        _runtime = Runtime(
+            settings=s,
+            store=JobStore(s.storage),
+            broker=Broker(make_app(s), s),
+            leases=make_leases(s.broker_url, s.storage, s.lease_ttl_s),
+            trainer=TrainerProcess(),
+            registry=WorkerRegistry(s.storage, s.node, s.queues),
+        )
+    return _runtime
+
+
+@worker_process_init.connect
+def _warm_up(**_: Any) -> None:
+    rt = runtime()
+    rt.trainer.start()  # import torch now, not when the first chunk arrives
+    rt.registry.start()
+
+
+@worker_process_shutdown.connect
+def _shut_down(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.trainer.kill()
+        _runtime.registry.stop()
+
+
+class _Watch:
+    """Called between polls of the trainer: renew the lease, and stop on cancel or a lost lease."""
+
+    def __init__(self, rt: Runtime, job_id: str, token: str) -> None:
+        self.rt, self.job_id, self.token = rt, job_id, token
+        self.renewed = self.polled = time.monotonic()
+        self.why_stopped = ""
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.renewed >= self.rt.settings.heartbeat_s:
+            if not self.rt.leases.renew(self.job_id, self.token):
+                # Lost (expired, or the broker was flushed): retake it unless someone else has it.
+                if self.rt.leases.acquire(self.job_id, self.rt.settings.node, self.token) is None:
+                    self.why_stopped = "lease taken by another worker"
+                    return False
+            self.renewed = now
+        if now - self.polled >= STATE_POLL_S:
+            self.polled = now
+            status = self.rt.store.state(self.job_id).status
+            if status in (JobStatus.cancelled, JobStatus.failed):
+                self.why_stopped = f"job {status.value}"
+                return False
+        return True
+
+
+def _begin(rt: Runtime, job_id: str, is_current: Any) -> tuple[JobState, bool]:
+    """Count an attempt; fail the job once the attempts are used up."""
+    node, cap = rt.settings.node, rt.settings.max_attempts
+
+    def begin(s: JobState) -> bool:
+        if not s.status.active or not is_current(s):
+            return False
+        if s.attempts >= cap:
+            what = f"chunk {s.chunk}" if not s.training_done else "evaluation"
+            s.set_status(JobStatus.failed, f"{what} gave up", f"{what} failed {s.attempts} times; last: {s.last_error or 'worker lost mid-chunk'}")
+            return False
+        s.attempts += 1
+        if s.status == JobStatus.queued:
+            s.set_status(JobStatus.running, f"first chunk taken by {node}")
+        s.worker = node
+        s.note(f"{'chunk ' + str(s.chunk) if not s.training_done else 'evaluation'} attempt {s.attempts} on {node}")
+        return True
+
+    return rt.store.update(job_id, begin)
+
+
+def _failed(rt: Runtime, job_id: str, what: str, exc: Exception) -> None:
+    """Record a failure: permanent ones fail the job now, others are retried up to the cap."""
+    permanent = isinstance(exc, TrainerFailed) and exc.permanent
+    message = f"{what}: {exc}"
+
+    def record(s: JobState) -> bool:
+        s.worker = None
+        if permanent:
+            s.set_status(JobStatus.failed, f"{what} failed", message)
+            return False
+        s.last_error = message
+        s.note(f"retryable failure: {message}")
+        return s.status.active
+
+    _, retry = rt.store.update(job_id, record)
+    if retry:
+        rt.broker.dispatch(rt.store, job_id, f"retry after: {message}")
+
+
+def _roll_back(rt: Runtime, job_id: str, exc: Exception) -> None:
+    """The start checkpoint is corrupt: continue from the newest good one, and say so."""
+    layout = rt.store.layout(job_id)
+
+    def back(s: JobState) -> bool:
+        if not s.status.active:
+            return False
+        s.rewind_to(layout.newest_good_checkpoint(before=s.step), str(exc))
+        return True
+
+    if rt.store.update(job_id, back)[1]:
+        rt.broker.dispatch(rt.store, job_id, "rolled back to the newest good checkpoint")
+
+
+def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
+    try:
+        spec, state = rt.store.spec(job_id), rt.store.state(job_id)
+    except JobNotFound:
+        return "dropped: no such job"
+    if not state.status.active:
+        return f"dropped: job is {state.status.value}"
+    if state.chunk != chunk:
+        return f"dropped: stale message, job is at chunk {state.chunk}"
+    token = rt.leases.acquire(job_id, rt.settings.node)
+    if token is None:
+        return f"dropped: leased by {rt.leases.holder(job_id)}"
+    try:
+        _, go = _begin(rt, job_id, lambda s: s.chunk == chunk)
+        if not go:
+            return "dropped: job moved on or gave up"
+        layout = rt.store.layout(job_id)
+        plan = ChunkPlan(spec, len(read_list(spec.train)))
+        end = layout.checkpoint(plan.end(chunk))
+        rt.registry.doing(job_id, chunk)
+        started = time.time()
+        if checkpoint.is_valid(end):
+            # Trained before, not committed (the worker died in between): commit, don't retrain.
+            result: dict[str, Any] = {"start_step": plan.start(chunk), "end_step": plan.end(chunk), "loss_last": state.last_loss or 0.0,
+                                      "images_per_s": 0.0, "seconds": 0.0, "environment": {"recovered": True},
+                                      "checkpoint_sha256": checkpoint.verified_digest(end)}
+        else:
+            watch = _Watch(rt, job_id, token)
+            request = {"op": "train", "spec": spec.model_dump(), "job_dir": str(layout.root), "chunk": chunk,
+                       "attempt": state.attempts + 1, "worker": rt.settings.node}
+            try:
+                result = rt.trainer.run(request, watch)
+            except Cancelled:
+                rt.store.update(job_id, lambda s: s.note(f"chunk {chunk} stopped on {rt.settings.node}: {watch.why_stopped}"))
+                return f"stopped: {watch.why_stopped}"
+            except TrainerFailed as exc:
+                if exc.kind == "CheckpointError":
+                    _roll_back(rt, job_id, exc)
+                else:
+                    _failed(rt, job_id, f"chunk {chunk}", exc)
+                return f"failed: {exc}"
+            except TrainerCrashed as exc:
+                _failed(rt, job_id, f"chunk {chunk}", exc)
+                return f"crashed: {exc}"
+        record = ChunkRecord(chunk=chunk, worker=rt.settings.node, attempt=state.attempts + 1,
+                             started_at=started, ended_at=time.time(), **{k: result[k] for k in (
+                                 "start_step", "end_step", "seconds", "loss_last", "images_per_s", "checkpoint_sha256", "environment")})
+
+        def commit(s: JobState) -> bool:
+            # Fencing: only the lease holder commits, and only if the job is still at this chunk.
+            if s.chunk != chunk or s.status not in (JobStatus.queued, JobStatus.running, JobStatus.paused):
+                return False
+            if not rt.leases.renew(job_id, token):
+                return False
+            record.attempt = s.attempts
+            s.chunk, s.step, s.attempts, s.worker = chunk + 1, record.end_step, 0, None
+            s.last_loss, s.last_error = record.loss_last, None
+            s.history.append(record)
+            append_jsonl(layout.commit_log, {"chunk": chunk, "start_step": record.start_step, "end_step": record.end_step,
+                                             "worker": rt.settings.node, "token": token, "started_at": started, "committed_at": time.time()})
+            if s.status == JobStatus.paused:
+                s.note(f"paused after chunk {chunk}")
+            return s.status.active
+
+        _, go_on = rt.store.update(job_id, commit)
+        if go_on:
+            rt.broker.dispatch(rt.store, job_id, f"chunk {chunk} committed by {rt.settings.node}")
+        return f"committed chunk {chunk}" if go_on else "done, job not active"
+    finally:
+        rt.registry.doing(None, None)
+        rt.leases.release(job_id, token)
+
+
+def handle_evaluate(rt: Runtime, job_id: str) -> str:
+    try:
+        spec, state = rt.store.spec(job_id), rt.store.state(job_id)
+    except JobNotFound:
+        return "dropped: no such job"
+    if not state.status.active or not state.training_done:
+        return f"dropped: job is {state.status.value} at chunk {state.chunk}"
+    token = rt.leases.acquire(job_id, rt.settings.node)
+    if token is None:
+        return f"dropped: leased by {rt.leases.holder(job_id)}"
+    try:
+        _, go = _begin(rt, job_id, lambda s: s.training_done)
+        if not go:
+            return "dropped"
+        layout = rt.store.layout(job_id)
+        rt.registry.doing(job_id, "eval")
+        watch = _Watch(rt, job_id, token)
+        request = {"op": "evaluate", "spec": spec.model_dump(), "job_dir": str(layout.root), "weights": str(layout.weight(spec.epochs))}
+        try:
+            report = rt.trainer.run(request, watch)
+        except Cancelled:
+            return f"stopped: {watch.why_stopped}"
+        except (TrainerFailed, TrainerCrashed) as exc:
+            _failed(rt, job_id, "evaluation", exc)
+            return f"failed: {exc}"
+
+        def finish(s: JobState) -> bool:
+            if not s.status.active or not s.training_done:
+                return False
+            s.attempts, s.worker = 0, None
+            s.set_status(JobStatus.succeeded, f"evaluated on {rt.settings.node}: mIoU {report['mean_iou']:.4f}, "
+                                              f"pixel accuracy {report['pixel_accuracy']:.4f}")
+            return True
+
+        rt.store.update(job_id, finish)
+        return "evaluated"
+    finally:
+        rt.registry.doing(None, None)
+        rt.leases.release(job_id, token)
+
+
+@shared_task(name=TRAIN_TASK)
+def train_chunk(job_id: str, chunk: int) -> str:
+    outcome = handle_train(runtime(), str(job_id), int(chunk))
+    log.info("%s chunk %s: %s", job_id, chunk, outcome)
+    return outcome
+
+
+@shared_task(name=EVAL_TASK)
+def evaluate(job_id: str) -> str:
+    outcome = handle_evaluate(runtime(), str(job_id))
+    log.info("%s evaluation: %s", job_id, outcome)
+    return outcome
