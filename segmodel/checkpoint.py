@@ -58,7 +58,10 @@ def _verified(path: Path) -> tuple[bytes, str]:
         raise CheckpointError(f"{path}: checkpoint does not exist")
     if not side.is_file():
         raise CheckpointError(f"{path}: no checksum file {side.name} (an interrupted write)")
-    expected = side.read_text().split()[0]
+    recorded = side.read_text().split()
+    if not recorded:
+        raise CheckpointError(f"{path}: checksum file {side.name} is empty")
+    expected = recorded[0]
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:

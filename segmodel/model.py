@@ -21,7 +21,13 @@ def _alexnet_features(pretrained: bool, pretrained_path: str | None) -> nn.Seque
                 f"(alexnet-owt-7be5be79.pth) there, or train without them (--no-pretrained)"
             )
         net = alexnet(weights=None)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # not a torch file, or not AlexNet's state_dict
+            raise PretrainedWeightsUnavailable(
+                f"pretrained_path {path} is not an AlexNet state_dict ({exc.__class__.__name__}: {exc}); "
+                f"use torchvision's alexnet-owt-7be5be79.pth, or train without it (--no-pretrained)"
+            ) from exc
         return net.features
     if not pretrained:
         return alexnet(weights=None).features

@@ -135,6 +135,9 @@ def train_steps(
         batch_sampler=_batches(plan, len(dataset), spec.seed, spec.batch_size, start, end),
         num_workers=spec.num_workers,
         pin_memory=device.type == "cuda",
+        # Its own generator: a DataLoader otherwise draws a seed from the global RNG, which would
+        # make the saved RNG state depend on how the job was chunked.
+        generator=torch.Generator().manual_seed(spec.seed),
     )
     t0 = time.perf_counter()
     losses: list[float] = []

@@ -135,11 +135,6 @@ def test_pretrained_path_loads_exact_feature_weights(tmp_path: Path) -> None:
     assert not torch.equal(plain.features[0].weight, ref["0.weight"])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="model._alexnet_features: an unreadable pretrained_path file raises UnpicklingError, "
-    "not PretrainedWeightsUnavailable",
-)
 def test_pretrained_path_unreadable_file_raises(tmp_path: Path) -> None:
     bad = tmp_path / "alexnet.pth"
     bad.write_bytes(b"not a torch file" * 10)

@@ -284,21 +284,14 @@ def test_nan_loss_raises_naming_the_step(spec: TrainSpec, tmp_path: Path, monkey
     assert "step 0" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="train.py: each DataLoader iterator draws its base seed from the global CPU RNG, so the "
-    "saved rng_cpu (and the final checkpoint's bytes) depend on how the job was cut into chunks",
-)
-def test_rng_state_and_checkpoint_bytes_identical_across_chunkings(uninterrupted, per_process, small_chunks) -> None:  # type: ignore[no-untyped-def]
+def test_rng_state_identical_across_chunkings(uninterrupted, per_process, small_chunks) -> None:  # type: ignore[no-untyped-def]
     ways = _ways(uninterrupted, per_process, small_chunks)
     states = {name: checkpoint.load(JobLayout(d).checkpoint(TOTAL)) for name, d in ways.items()}
     for name, st in states.items():
         assert torch.equal(st["rng_cpu"], states["uninterrupted"]["rng_cpu"]), name
-    digests = {name: checkpoint.verified_bytes(JobLayout(d).checkpoint(TOTAL)) for name, d in ways.items()}
-    assert len(set(digests.values())) == 1
+    # The files' bytes differ anyway: torch.save writes a random serialization id into each archive.
 
 
-@pytest.mark.xfail(strict=False, reason="checkpoint.verified_bytes: an empty .sha256 sidecar raises IndexError")
 def test_empty_checksum_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     path = tmp_path / "x.pt"
     checkpoint.save({"a": torch.zeros(2)}, path)

@@ -1,0 +1,192 @@
+"""End to end on a real redis-server with a real scheduler and two real `relay worker` processes."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from conftest import Procs, assert_equal_weights, free_port, tiny_spec, wait_for
+from segmodel import checkpoint
+from segmodel.layout import JobLayout
+from segmodel.train import train_steps
+
+pytestmark = pytest.mark.e2e
+
+
+class Cluster:
+    def __init__(self, procs: Procs, redis_url: str) -> None:
+        self.procs = procs
+        port = free_port()
+        self.api = f"http://127.0.0.1:{port}"
+        procs.env.update(RELAY_BROKER_URL=redis_url, RELAY_API_URL=self.api)
+        self.storage = Path(procs.env["RELAY_STORAGE"])
+        self.scheduler = procs.start("scheduler", "--port", str(port), name="scheduler")
+        self.workers = {name: procs.start("worker", "--name", name, name=name) for name in ("w1", "w2")}
+        wait_for(self._healthy, 60, "the scheduler's /healthz")
+        wait_for(lambda: len(self.get("/api/queue")["workers"]) == 2, 90, "two workers online")
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(self.api + "/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def get(self, path: str) -> Any:
+        return httpx.get(self.api + path, timeout=10).json()
+
+    def submit(self, spec: Any, *extra: str) -> str:
+        args = ["submit", "--train", spec.train, "--val", spec.val, "--epochs", str(spec.epochs), "--seed", str(spec.seed),
+                "--batch-size", str(spec.batch_size), "--height", str(spec.height), "--width", str(spec.width),
+                "--no-pretrained", "--json", *extra]
+        if spec.chunk_steps:
+            args += ["--chunk-steps", str(spec.chunk_steps)]
+        out = json.loads(self.procs.relay(*args).stdout)
+        assert out["state"] in ("queued", "running")
+        return out["id"]
+
+    def wait_state(self, job_id: str, states: tuple[str, ...], timeout: float = 180) -> dict[str, Any]:
+        return wait_for(lambda: (j := self.get(f"/api/jobs/{job_id}"))["state"] in states and j, timeout,
+                        f"job {job_id} to reach {states} (logs: {self.procs.tmp})")
+
+    def layout(self, job_id: str) -> JobLayout:
+        return JobLayout(self.storage / "jobs" / job_id)
+
+    def final_weights(self, job_id: str, epochs: int = 3) -> dict[str, torch.Tensor]:
+        return checkpoint.load(self.layout(job_id).weight(epochs))
+
+
+@pytest.fixture
+def cluster(procs: Procs, redis_url: str) -> Iterator[Cluster]:
+    yield Cluster(procs, redis_url)
+
+
+def test_three_epoch_job_on_two_workers(cluster: Cluster, tiny_data: dict[str, Path], reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    job_id = cluster.submit(tiny_spec(tiny_data))
+    watched = cluster.procs.relay("watch", job_id, "--interval", "0.3", timeout=300)
+    assert watched.returncode == 0
+    job = cluster.get(f"/api/jobs/{job_id}")
+    assert job["state"] == "succeeded"
+    layout = cluster.layout(job_id)
+    assert [layout.weight(e).is_file() for e in (1, 2, 3)] == [True] * 3
+    report = json.loads(cluster.procs.relay("report", job_id, "--json").stdout)
+    assert 0.0 <= report["mean_iou"] <= 1.0 and report["val_samples"] == 4
+    assert layout.predictions_file.is_file()
+
+    fetched = Path(cluster.procs.relay("fetch", job_id, "-o", str(tmp_path)).stdout.strip())
+    assert fetched.name == "weight3.pt"
+    assert fetched.read_bytes() == layout.weight(3).read_bytes()
+    assert_equal_weights(torch.load(fetched), reference)  # the seed's own loading code
+    one = Path(cluster.procs.relay("fetch", job_id, "-o", str(tmp_path / "w1.pt"), "--epoch", "1").stdout.strip())
+    assert one.read_bytes() == layout.weight(1).read_bytes()
+
+    workers = {h["worker"] for h in job["history"]}
+    assert workers == {"w1", "w2"}, f"chunks ran on {workers} only"
+    assert [h["chunk"] for h in job["history"]] == [0, 1, 2, 3]
+    commits = [json.loads(line)["chunk"] for line in layout.commit_log.read_text().splitlines()]
+    assert commits == [0, 1, 2, 3]
+
+    status = json.loads(cluster.procs.relay("status", "--json").stdout)
+    assert {w["node"] for w in status["workers"]} == {"w1", "w2"}
+    assert set(status["queues"]) >= {"cpu", "gpu"}
+    assert any(j["id"] == job_id for j in status["jobs"])
+    assert "succeeded" in cluster.procs.relay("status").stdout
+
+
+def test_two_jobs_at_once_and_duplicate_messages(cluster: Cluster, tiny_data: dict[str, Path], reference: dict[str, torch.Tensor]) -> None:
+    a = cluster.submit(tiny_spec(tiny_data))
+    b = cluster.submit(tiny_spec(tiny_data))
+    # Duplicated and stale messages for job a: they must neither move it twice nor backwards.
+    from scheduler.broker import Broker
+    from worker.app import TRAIN_TASK, make_app
+    from worker.settings import Settings
+
+    settings = Settings(storage=cluster.storage, broker_url=cluster.procs.env["RELAY_BROKER_URL"])
+    app = make_app(settings)
+    for chunk in (0, 0, 1):
+        app.send_task(TRAIN_TASK, args=[a, chunk], queue="cpu")
+    for job_id in (a, b):
+        assert cluster.wait_state(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+        assert_equal_weights(cluster.final_weights(job_id), reference)
+    commits = [json.loads(line)["chunk"] for line in cluster.layout(a).commit_log.read_text().splitlines()]
+    assert commits == [0, 1, 2, 3], "a chunk was committed twice or out of order"
+    # A message replayed after the job finished changes nothing.
+    before = cluster.layout(a).state_file.read_bytes()
+    app.send_task(TRAIN_TASK, args=[a, 2], queue="cpu")
+    wait_for(lambda: Broker(app, settings).depths()["cpu"] == 0, 30, "the replayed message to be consumed")
+    time.sleep(1)
+    assert cluster.layout(a).state_file.read_bytes() == before
+
+
+def test_pause_resume_cancel_resume(cluster: Cluster, tiny_data: dict[str, Path], reference: dict[str, torch.Tensor]) -> None:
+    job_id = cluster.submit(tiny_spec(tiny_data))
+    assert "paused" in cluster.procs.relay("pause", job_id).stdout
+    job = cluster.wait_state(job_id, ("paused",))
+    time.sleep(2)  # the chunk in flight may commit; nothing further may start
+    held = cluster.get(f"/api/jobs/{job_id}")
+    assert held["state"] == "paused" and held["progress"]["chunk"] < held["progress"]["n_chunks"]
+    assert cluster.procs.relay("resume", job_id).returncode == 0
+    wait_for(lambda: cluster.get(f"/api/jobs/{job_id}")["progress"]["step"] > held["progress"]["step"], 60, "progress after resume")
+    cluster.procs.relay("cancel", job_id)
+    job = cluster.wait_state(job_id, ("cancelled", "succeeded"))
+    if job["state"] == "cancelled":
+        assert cluster.procs.relay("resume", job_id).returncode == 0
+    assert cluster.wait_state(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+    assert_equal_weights(cluster.final_weights(job_id), reference)
+    # A finished job refuses to resume, with a clear message and a non-zero exit.
+    refused = cluster.procs.relay("resume", job_id, check=False)
+    assert refused.returncode != 0 and "succeeded" in refused.stderr
+
+
+def test_worker_killed_mid_chunk(cluster: Cluster, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    # Full-size 240x240 inputs make a chunk long enough to be killed in the middle.
+    spec = tiny_spec(tiny_data, height=240, width=240, epochs=2, chunk_steps=4)
+    ref_dir = tmp_path / "ref"
+    train_steps(spec, ref_dir, 0, 8)
+    job_id = cluster.submit(spec)
+
+    def busy_worker() -> str | None:
+        return next((w["node"] for w in cluster.get("/api/queue")["workers"] if w.get("job") == job_id and w["chunk"] == 1), None)
+
+    victim = wait_for(busy_worker, 120, "a worker to start chunk 1", every=0.05)
+    cluster.procs.kill(cluster.workers[victim])  # the whole worker: main process, pool child, trainer
+    job = cluster.wait_state(job_id, ("succeeded", "failed"), timeout=240)
+    assert job["state"] == "succeeded", job["reason"]
+    assert_equal_weights(cluster.final_weights(job_id, 2), checkpoint.load(JobLayout(ref_dir).weight(2)))
+    events = " | ".join(e["what"] for e in job["events"])
+    assert "chunk 1 attempt 2" in events or "reconciler" in events, events
+    commits = [json.loads(line)["chunk"] for line in cluster.layout(job_id).commit_log.read_text().splitlines()]
+    assert commits == [0, 1]  # 2 epochs of 4 steps, chunks of 4 steps
+
+
+def test_bad_submissions_change_nothing(cluster: Cluster, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    jobs_before = sorted((cluster.storage / "jobs").glob("*")) if (cluster.storage / "jobs").exists() else []
+    missing = cluster.procs.relay("submit", "--train", str(tmp_path / "nope.txt"), "--val", str(tiny_data["val"]),
+                                  "--no-pretrained", check=False)
+    assert missing.returncode == 2 and "train" in missing.stderr and "nope.txt" in missing.stderr
+    zero = cluster.procs.relay("submit", "--train", str(tiny_data["train"]), "--val", str(tiny_data["val"]),
+                               "--epochs", "0", check=False)
+    assert zero.returncode == 2 and "epochs" in zero.stderr
+    wrong_type = cluster.procs.relay("submit", "--train", str(tiny_data["train"]), "--val", str(tiny_data["val"]),
+                                     "--lr", "fast", check=False)
+    assert wrong_type.returncode == 2 and "lr" in wrong_type.stderr
+    r = httpx.post(cluster.api + "/api/jobs", json={"train": str(tiny_data["train"]), "val": str(tiny_data["val"]), "colour": "red"})
+    assert r.status_code == 422 and "colour" in r.text
+    r = httpx.post(cluster.api + "/api/jobs", json={"train": str(tiny_data["train"]), "val": str(tiny_data["val"]), "epochs": "many"})
+    assert r.status_code == 422 and "epochs" in r.text
+    jobs_after = sorted((cluster.storage / "jobs").glob("*")) if (cluster.storage / "jobs").exists() else []
+    assert jobs_after == jobs_before
+
+
+def test_relay_run_embedded(procs: Procs, tiny_data: dict[str, Path], reference: dict[str, torch.Tensor]) -> None:
+    spec = tiny_spec(tiny_data)
+    out = procs.relay("run", "--train", spec.train, "--val", spec.val, "--epochs", "3", "--chunk-steps", "3", "--seed", "7",
+                      "--batch-size", "4", "--height", "64", "--width", "64", "--no-pretrained", timeout=300)
+    assert "mean IoU" in out.stdout
+    weights = Path(next(line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("final weights: ")))
+    assert_equal_weights(checkpoint.load(weights), reference)
