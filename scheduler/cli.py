@@ -99,7 +99,7 @@ def data() -> None:
 @click.option("--val", "n_val", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", type=click.IntRange(32, 2048), default=128, show_default=True, help="image side in pixels")
-@click.option("--classes", type=click.IntRange(1, 100), default=10, show_default=True)
+@click.option("--classes", type=click.IntRange(1, 100), default=5, show_default=True)
 def data_synthetic(out: str, n_train: int, n_val: int, seed: int, size: int, classes: int) -> None:
     """Generate a learnable dataset (class decides shape colour and texture). Same seed, same bytes."""
     from segmodel.synthetic import generate
