@@ -159,8 +159,8 @@ def train_steps(
             checkpoint.save(_cpu_state(model.state_dict()), layout.weight(done // plan.steps_per_epoch))
         if on_step is not None:
             dt = time.perf_counter() - t_step
-            on_step({"step": done, "epoch": plan.epoch_of(done), "loss": value,
-                     "lr": optimizer.param_groups[0]["lr"], "images_per_s": x.shape[0] / dt if dt > 0 else 0.0})
+            on_step({"step": done, "epoch": plan.epoch_of(done), "loss": value, "lr": optimizer.param_groups[0]["lr"],
+                     "step_s": dt, "images_per_s": x.shape[0] / dt if dt > 0 else 0.0})
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": end,
