@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.broker import Broker
-from scheduler.jobs import JobState, JobStatus, JobStore
+from scheduler.jobs import JobState, JobStatus, JobStore, append_jsonl
 from segmodel import checkpoint
 from segmodel.errors import DataError
 from segmodel.spec import TrainSpec
@@ -85,7 +85,9 @@ class Control:
             if s.status not in (JobStatus.paused, JobStatus.failed, JobStatus.cancelled):
                 raise TransitionRefused(f"job {job_id} is {s.status.value}; only paused, failed or cancelled jobs resume")
             if s.step > 0 and not checkpoint.is_valid(layout.checkpoint(s.step)):
-                s.rewind_to(layout.newest_good_checkpoint(before=s.step), f"checkpoint at step {s.step} is missing or corrupt")
+                why = f"checkpoint at step {s.step} is missing or corrupt"
+                s.rewind_to(layout.newest_good_checkpoint(before=s.step), why)
+                append_jsonl(layout.commit_log, {"rewind_to_chunk": s.chunk, "step": s.step, "at": time.time(), "why": why})
             s.attempts, s.last_error = 0, None
             s.set_status(JobStatus.running if s.history else JobStatus.queued, f"resumed by user at chunk {s.chunk}")
 

@@ -148,6 +148,7 @@ def _roll_back(rt: Runtime, job_id: str, exc: Exception) -> None:
         if not s.status.active:
             return False
         s.rewind_to(layout.newest_good_checkpoint(before=s.step), str(exc))
+        append_jsonl(layout.commit_log, {"rewind_to_chunk": s.chunk, "step": s.step, "at": time.time(), "why": str(exc)})
         return True
 
     if rt.store.update(job_id, back)[1]:

@@ -1,0 +1,55 @@
+# Relay: one image for the scheduler, the workers and Flower (docker-compose.yml picks the command).
+#
+#   docker build -t relay:cpu .                                # CPU-only PyTorch (the default)
+#   docker build --build-arg TORCH_VARIANT=cu126 -t relay:cu126 .   # CUDA 12.6 PyTorch
+#
+# TORCH_VARIANT names a PyTorch wheel index (https://download.pytorch.org/whl/<variant>): cpu, cu126, ...
+
+# ---- build: a virtual environment with torch, the project and Flower ----------------------------
+FROM python:3.11-slim AS build
+
+ARG TORCH_VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# Torch first and alone, from the index of the chosen variant: PyPI's default torch wheel carries
+# several GB of CUDA libraries that a CPU worker never uses. The project's own pin (torch==2.14.1)
+# is then already satisfied by the local build (2.14.1+cpu), so `pip install .` keeps it.
+RUN python -m venv /opt/venv \
+ && pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
+        torch==2.14.1 torchvision==0.29.1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY segmodel ./segmodel
+COPY worker ./worker
+COPY scheduler ./scheduler
+# Flower is the queue's web monitor (the `flower` service); the project itself does not import it.
+RUN pip install --no-cache-dir . flower==2.2.0
+
+# ---- runtime: the environment, a non-root user, nothing else ------------------------------------
+FROM python:3.11-slim
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    RELAY_STORAGE=/storage \
+    TORCH_HOME=/storage/torch
+
+# uid 10001: above any host's ordinary users, so the shared storage's owner is unambiguous.
+RUN groupadd --gid 10001 relay \
+ && useradd --uid 10001 --gid relay --create-home --shell /usr/sbin/nologin relay \
+ && mkdir -p /storage /data \
+ && chown relay:relay /storage
+
+COPY --from=build /opt/venv /opt/venv
+
+# Numeric, so that runtimes that check for a non-root user (runAsNonRoot) can.
+USER 10001:10001
+WORKDIR /home/relay
+EXPOSE 8000 5555
+
+# Exec form: the command is PID 1's child under `init: true` (or PID 1 itself), so SIGTERM reaches
+# Celery and starts its warm shutdown (the running chunk finishes and commits).
+CMD ["relay", "worker", "--queues", "cpu"]
