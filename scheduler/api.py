@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from scheduler.control import Control, SpecRejected, TransitionRefused
 from scheduler.jobs import JobNotFound
@@ -17,7 +17,21 @@ from worker.settings import Settings
 
 def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
     control = control or Control(settings)
-    api = FastAPI(title="Relay", version="0.1.0", description="A job queue for chunked deep-learning training.")
+
+    def require_read_token(request: Request) -> None:
+        if request.url.path != "/healthz":
+            require_token(request)
+    api = FastAPI(title="Relay", version="0.1.0", description="A job queue for chunked deep-learning training.",
+                  dependencies=[Depends(require_read_token)] if settings.api_token_reads else [])
+    api.state.control = control
+
+    @api.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """A job spec is a few hundred bytes: refuse huge bodies before reading them."""
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > settings.max_request_bytes):
+            return JSONResponse({"detail": f"request body over {settings.max_request_bytes} bytes"}, status_code=413)
+        return await call_next(request)
 
     def require_token(request: Request) -> None:
         """Changes need the bearer token when one is configured; compared in constant time."""

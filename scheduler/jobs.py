@@ -123,7 +123,8 @@ class JobStore:
         self.jobs_dir = self.storage / "jobs"
 
     def layout(self, job_id: str) -> JobLayout:
-        if not JOB_ID.match(job_id):  # ids become paths: nothing may escape the storage root
+        # Ids become paths: nothing may escape the storage root, by name or by a planted symlink.
+        if not JOB_ID.match(job_id) or not (self.jobs_dir / job_id).resolve().is_relative_to(self.jobs_dir.resolve()):
             raise JobNotFound(job_id)
         return JobLayout(self.jobs_dir / job_id)
 

@@ -1,7 +1,8 @@
 """The reconciler: brings back jobs whose next task was lost.
 
-A running job with no live lease and no waiting message, quiet for longer than the grace period,
-lost its message (a flushed or restarted broker, a worker killed after its last commit, a message
+A running job with no live lease, no waiting message and no live worker saying it trains it (the
+registry on storage, which outlives a flushed broker and its leases), quiet for longer than the
+grace period, lost its message (a flushed or restarted broker, a worker killed after its last commit, a message
 the embedded transport dropped with a killed worker). Its next task is sent again from what
 storage says. A duplicate this creates is harmless: workers drop stale or leased messages.
 """
@@ -14,6 +15,7 @@ import time
 from scheduler.broker import Broker
 from scheduler.jobs import JobNotFound, JobStore
 from worker.lease import Leases
+from worker.registry import online
 
 log = logging.getLogger("relay.reconciler")
 
@@ -22,13 +24,14 @@ def reconcile_once(store: JobStore, broker: Broker, leases: Leases, grace_s: flo
     """One pass; returns the ids of the jobs it re-enqueued."""
     now = time.time()
     waiting = broker.waiting_jobs()
+    busy = {w["job"] for w in online(store.storage) if w.get("job")}
     revived = []
     for job_id in store.ids():
         try:
             state = store.state(job_id)
         except (JobNotFound, ValueError):
             continue
-        if not state.status.active or job_id in waiting:
+        if not state.status.active or job_id in waiting or job_id in busy:
             continue
         if now - max(state.updated_at, state.enqueued_at or 0.0) < grace_s:
             continue

@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     )
     api_url: str = "http://127.0.0.1:8000"
     api_token: str | None = Field(None, description="bearer token the API requires for changes")
+    api_token_reads: bool = Field(False, description="require the token for reads too")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     node: str = Field(default_factory=socket.gethostname, description="this worker's name")

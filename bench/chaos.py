@@ -1,0 +1,386 @@
+"""Fault injection: a multi-chunk job on a real redis-server and several workers, hit at random
+moments by kills, broker loss, duplicated and stale messages and corrupted checkpoints. Each trial
+then checks every guarantee and the run prints a table; any violated check exits non-zero.
+
+    python bench/chaos.py --trials 3 --seed 0            # the short profile CI runs
+    python bench/chaos.py --trials 30 --seed 1 --faults 6 # a long profile, on demand
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from scheduler.jobs import JobStatus, JobStore
+from segmodel import checkpoint
+from segmodel.layout import JobLayout
+from segmodel.spec import TrainSpec
+from segmodel.synthetic import generate
+from segmodel.train import train_steps
+from worker.app import EVAL_TASK, TRAIN_TASK, make_app
+from worker.registry import online
+from worker.settings import Settings
+
+FAULTS = ("kill_worker", "kill_trainer", "term_worker", "redis_restart", "flushall", "scheduler_restart",
+          "duplicate", "stale", "corrupt_newest", "corrupt_older")
+WORKERS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := cond():
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"waiting for {what}")
+
+
+def folder_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != ".lock":
+            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for kid in _children(todo.pop()):
+            out.append(kid)
+            todo.append(kid)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Rig:
+    """The processes of one trial: redis-server, the scheduler, and the workers."""
+
+    def __init__(self, root: Path, env_extra: dict[str, str]) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.storage = root / "storage"
+        self.redis_port = free_port()
+        self.api_port = free_port()
+        self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        self.env.update(RELAY_STORAGE=str(self.storage), RELAY_BROKER_URL=self.broker_url, PYTHONUNBUFFERED="1",
+                        RELAY_API_URL=f"http://127.0.0.1:{self.api_port}", RELAY_LEASE_TTL_S="3",
+                        RELAY_RECONCILE_INTERVAL_S="0.5", RELAY_RECONCILE_GRACE_S="3", RELAY_MAX_ATTEMPTS="20",
+                        **env_extra)
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.scheduler: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.n_started = 0
+        self.start_redis()
+        self.start_scheduler()
+        for _ in range(WORKERS):
+            self.start_worker()
+        wait_for(lambda: len(online(self.storage)) >= WORKERS, 120, "workers online")
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.log", "ab")
+        return subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_redis(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is needed for the chaos harness")
+        self.redis = self._spawn([exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(self.root)], "redis")
+        import redis
+
+        wait_for(lambda: _ping(redis.Redis(port=self.redis_port)), 10, "redis")
+
+    def start_scheduler(self) -> None:
+        self.scheduler = self._spawn([sys.executable, "-m", "scheduler.cli", "scheduler", "--port", str(self.api_port)], "scheduler")
+
+    def start_worker(self) -> None:
+        self.n_started += 1
+        name = f"w{self.n_started}"
+        self.workers.append(self._spawn([sys.executable, "-m", "scheduler.cli", "worker", "--name", name], name))
+
+    def live_workers(self) -> list[subprocess.Popen[bytes]]:
+        return [w for w in self.workers if w.poll() is None]
+
+    def trainers(self) -> list[int]:
+        return [p for w in self.live_workers() for p in _descendants(w.pid) if "worker.trainer" in _cmdline(p)]
+
+    def busy_trainer(self, job_id: str) -> int | None:
+        """The trainer of the worker that reports training job_id, if any."""
+        busy = {w["node"] for w in online(self.storage) if w.get("job") == job_id}
+        for w in self.live_workers():
+            name = Path(w.args[-1]).name
+            if name in busy:
+                return next((p for p in _descendants(w.pid) if "worker.trainer" in _cmdline(p)), None)
+        return None
+
+    def stop(self) -> None:
+        for p in [*self.workers, self.scheduler, self.redis]:
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _ping(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+@dataclass
+class Trial:
+    faults: list[tuple[str, float]] = field(default_factory=list)   # (kind, when)
+    recoveries: list[float] = field(default_factory=list)
+    lost_steps: int = 0
+    violations: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bool:
+    """Apply one fault; False if it could not apply right now (e.g. no chunk running)."""
+    layout = JobLayout(rig.storage / "jobs" / job_id)
+    state = JobStore(rig.storage).state(job_id)
+    if kind in ("kill_worker", "term_worker"):
+        busy = {w["node"] for w in online(rig.storage) if w.get("job") == job_id}
+        victims = [w for w in rig.live_workers() if w.args[-1] in busy] or rig.live_workers()
+        victim = rng.choice(victims)
+        if kind == "kill_worker":
+            os.kill(victim.pid, signal.SIGKILL)  # the main process only; its pool child is orphaned
+        else:
+            os.kill(victim.pid, signal.SIGTERM)  # warm shutdown: finishes the chunk in hand
+        rig.start_worker()
+    elif kind == "kill_trainer":
+        pid = rig.busy_trainer(job_id)
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL)
+    elif kind == "redis_restart":
+        assert rig.redis is not None
+        os.killpg(rig.redis.pid, signal.SIGKILL)
+        rig.redis.wait()
+        rig.start_redis()  # empty: no persistence
+    elif kind == "flushall":
+        import redis
+
+        redis.Redis(port=rig.redis_port).flushall()
+    elif kind == "scheduler_restart":
+        assert rig.scheduler is not None
+        os.killpg(rig.scheduler.pid, signal.SIGKILL)
+        rig.scheduler.wait()
+        rig.start_scheduler()
+    elif kind == "duplicate":
+        app.send_task(TRAIN_TASK, args=[job_id, state.chunk], queue="cpu")
+    elif kind == "stale":
+        if state.chunk == 0:
+            return False
+        app.send_task(TRAIN_TASK, args=[job_id, state.chunk - 1], queue="cpu")
+    elif kind in ("corrupt_newest", "corrupt_older"):
+        steps = layout.checkpoint_steps()
+        if len(steps) < (1 if kind == "corrupt_newest" else 2):
+            return False
+        path = layout.checkpoint(steps[0] if kind == "corrupt_newest" else rng.choice(steps[1:]))
+        data = path.read_bytes()
+        if rng.random() < 0.5:
+            path.write_bytes(data[: len(data) // 2])  # truncated
+        else:
+            i = rng.randrange(len(data))
+            path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])  # one flipped byte
+    return True
+
+
+def check(rig: Rig, job_id: str, bystander: tuple[str, str], reference: dict[str, torch.Tensor], spec: TrainSpec, app: Any,
+          trial: Trial) -> None:
+    store = JobStore(rig.storage)
+    state = store.state(job_id)
+    layout = store.layout(job_id)
+    v = trial.violations
+    if state.status != JobStatus.succeeded:
+        v.append(f"job ended {state.status.value}: {state.reason}")
+        return
+    for e in range(1, spec.epochs + 1):
+        try:
+            weights = checkpoint.load(layout.weight(e))
+        except Exception as exc:
+            v.append(f"weight{e}.pt: {exc}")
+            continue
+        if e == spec.epochs and not all(torch.equal(weights[k], reference[k]) for k in reference):
+            v.append("final weights differ from the uninterrupted reference")
+    # The commit log: consecutive chunks, except right after a recorded rewind; no overlap in time.
+    expected, last_end = 0, 0.0
+    for line in layout.commit_log.read_text().splitlines():
+        rec = json.loads(line)
+        if "rewind_to_chunk" in rec:
+            expected = rec["rewind_to_chunk"]
+            continue
+        if rec["chunk"] != expected:
+            v.append(f"commit of chunk {rec['chunk']} where chunk {expected} was due (committed twice or skipped)")
+        if rec["started_at"] < last_end:
+            v.append(f"chunk {rec['chunk']} started before the previous commit: two workers at once")
+        expected, last_end = rec["chunk"] + 1, rec["committed_at"]
+    if expected != state.n_chunks:
+        v.append(f"commit log ends at chunk {expected}, job has {state.n_chunks}")
+    # No two workers training at once: per (worker, chunk, attempt) step intervals must not overlap.
+    spans: dict[tuple[str, int, int], list[float]] = {}
+    for line in layout.metrics_file.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        key = (m["worker"], m["chunk"], m["attempt"])
+        lo, hi = m["time"] - m["step_s"], m["time"]
+        span = spans.setdefault(key, [lo, hi])
+        span[0], span[1] = min(span[0], lo), max(span[1], hi)
+        trial.lost_steps += 1
+    trial.lost_steps -= state.total_steps
+    ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
+    for (ka, a), (kb, b) in zip(ordered, ordered[1:]):
+        if ka[0] != kb[0] and b[0] < a[1] - 0.05:
+            v.append(f"{ka[0]} and {kb[0]} trained at the same time (chunks {ka[1]}, {kb[1]})")
+    # A message replayed after the end changes nothing; the bystander job was not touched.
+    before = layout.state_file.read_bytes()
+    app.send_task(TRAIN_TASK, args=[job_id, 0], queue="cpu")
+    app.send_task(EVAL_TASK, args=[job_id], queue="cpu")
+    time.sleep(2)
+    if layout.state_file.read_bytes() != before:
+        v.append("a replayed message changed the finished job")
+    if folder_digest(store.layout(bystander[0]).root) != bystander[1]:
+        v.append("the bystander job was touched")
+
+
+def run_trial(i: int, root: Path, spec: TrainSpec, reference: dict[str, torch.Tensor], rng: random.Random,
+              kinds: list[str], short_visibility: bool) -> Trial:
+    trial = Trial()
+    env = {"RELAY_VISIBILITY_TIMEOUT_S": "1"} if short_visibility else {}
+    rig = Rig(root / f"trial{i}", env)
+    app = make_app(Settings(storage=rig.storage, broker_url=rig.broker_url))
+    store = JobStore(rig.storage)
+    try:
+        by_id, _ = store.create(spec)
+        store.update(by_id, lambda s: s.set_status(JobStatus.paused, "bystander"))
+        bystander = (by_id, folder_digest(store.layout(by_id).root))
+        t0 = time.time()
+        client = httpx.Client(base_url=rig.env["RELAY_API_URL"], timeout=10)
+        wait_for(lambda: _up(client), 60, "the scheduler")
+        job_id = client.post("/api/jobs", json=spec.model_dump()).json()["id"]
+        for kind in kinds:
+            time.sleep(rng.uniform(0.5, 2.5))
+            if store.state(job_id).status.final:
+                break
+            deadline = time.time() + 20
+            while not inject(kind, rig, job_id, app, rng):  # wait until the fault can apply
+                if time.time() > deadline or store.state(job_id).status.final:
+                    break
+                time.sleep(0.1)
+            else:
+                trial.faults.append((kind, time.time()))
+        wait_for(lambda: store.state(job_id).status.final, 300, f"trial {i}: the job to end (logs in {rig.root})")
+        trial.seconds = time.time() - t0
+        commits = [json.loads(x) for x in store.layout(job_id).commit_log.read_text().splitlines()]
+        done_at = store.state(job_id).updated_at
+        for _, when in trial.faults:
+            nxt = min((c["committed_at"] for c in commits if "committed_at" in c and c["committed_at"] > when), default=done_at)
+            trial.recoveries.append(nxt - when)
+        check(rig, job_id, bystander, reference, spec, app, trial)
+    finally:
+        rig.stop()
+    return trial
+
+
+def _up(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faults", type=int, default=4, help="faults per trial")
+    parser.add_argument("--keep", action="store_true", help="keep the trials' folders and logs")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    root = Path(tempfile.mkdtemp(prefix="relay-chaos-"))
+    lists = generate(root / "data", train=16, val=4, seed=args.seed, size=64)
+    spec = TrainSpec(train=str(lists["train"]), val=str(lists["val"]), epochs=4, chunk_steps=2, batch_size=4,
+                     height=240, width=240, pretrained=False, seed=args.seed)
+    train_steps(spec, root / "reference", 0, 16)
+    reference = checkpoint.load(JobLayout(root / "reference").weight(spec.epochs))
+    # Every kind appears in the first trials (in turn), then kinds are drawn at random.
+    deck = list(FAULTS)
+    rng.shuffle(deck)
+    trials = []
+    for i in range(args.trials):
+        kinds = [deck.pop() if deck else rng.choice(FAULTS) for _ in range(args.faults)]
+        short_visibility = i % 3 == 2
+        trial = run_trial(i, root, spec, reference, rng, kinds, short_visibility)
+        tag = " (visibility timeout 1 s)" if short_visibility else ""
+        print(f"trial {i}{tag}: {', '.join(k for k, _ in trial.faults)} -> {trial.seconds:.0f} s, "
+              f"{len(trial.violations)} violations {trial.violations or ''}", flush=True)
+        trials.append(trial)
+    by_kind = Counter(k for t in trials for k, _ in t.faults)
+    recoveries = [r for t in trials for r in t.recoveries]
+    n_faults = sum(by_kind.values())
+    violations = sum(len(t.violations) for t in trials)
+    print("\nfault               injected")
+    for kind in FAULTS:
+        print(f"{kind:<20}{by_kind.get(kind, 0):>8}")
+    print(f"\ntrials {len(trials)}, faults {n_faults}, jobs recovered {sum(not t.violations for t in trials)}/{len(trials)}")
+    if recoveries:
+        print(f"time to the next commit after a fault: median {statistics.median(recoveries):.1f} s, worst {max(recoveries):.1f} s")
+    lost = sum(t.lost_steps for t in trials)
+    print(f"work lost: {lost} steps retrained in all ({lost / max(n_faults, 1):.2f} per fault; a chunk is {spec.chunk_steps} steps)")
+    print(f"violated checks: {violations}")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"kept {root}")
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

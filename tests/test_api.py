@@ -1,0 +1,170 @@
+"""The API in-process: bad input gets a 4xx naming the field and changes nothing; tokens; fuzzing."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from scheduler.api import make_api
+from worker.settings import Settings
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")) if root.exists() else []:
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file() and not p.is_symlink():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    return tmp_path / "storage"
+
+
+@pytest.fixture
+def client(storage: Path, tiny_data: dict[str, Path]) -> TestClient:
+    settings = Settings(storage=storage, data_roots=[tiny_data["train"].parent])
+    return TestClient(make_api(settings))
+
+
+def good(data: dict[str, Path], **extra: Any) -> dict[str, Any]:
+    return {"train": str(data["train"]), "val": str(data["val"]), "epochs": 2, "pretrained": False, **extra}
+
+
+BAD_FIELDS = [
+    ({"epochs": 0}, "epochs"),
+    ({"epochs": -3}, "epochs"),
+    ({"epochs": 10**9}, "epochs"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": -16}, "batch_size"),
+    ({"lr": 0}, "lr"),
+    ({"lr": -0.01}, "lr"),
+    ({"lr": "fast"}, "lr"),
+    ({"epochs": "twenty"}, "epochs"),
+    ({"chunk_steps": 0}, "chunk_steps"),
+    ({"colour": "red"}, "colour"),
+    ({"queue": "tpu"}, "queue"),
+    ({"height": 8}, "height"),
+]
+
+
+@pytest.mark.parametrize("change,field", BAD_FIELDS)
+def test_bad_fields_get_422_naming_the_field(client: TestClient, storage: Path, tiny_data: dict[str, Path], change: dict, field: str) -> None:
+    before = tree_digest(storage)
+    r = client.post("/api/jobs", json=good(tiny_data, **change))
+    assert r.status_code == 422, r.text
+    assert any(field in d["loc"] for d in r.json()["detail"]), r.text
+    assert tree_digest(storage) == before
+
+
+def test_missing_list_file_and_paths_outside_the_data_roots(client: TestClient, storage: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    before = tree_digest(storage)
+    root = tiny_data["train"].parent
+    cases = {
+        "train": str(root / "missing.txt"),
+        "val": "/etc/passwd",
+    }
+    r = client.post("/api/jobs", json=good(tiny_data, train=cases["train"]))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "train"] and "missing.txt" in r.text
+    r = client.post("/api/jobs", json=good(tiny_data, val=cases["val"]))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "val"] and "outside" in r.text
+    r = client.post("/api/jobs", json=good(tiny_data, train=str(root / ".." / ".." / "x" / "train.txt")))
+    assert r.status_code == 422 and "train" in r.text
+    outside = tmp_path / "outside.txt"
+    outside.write_text("images/train/train_000000.jpg annotations/train/train_000000.png\n")
+    link = root / "link-out.txt"
+    link.symlink_to(outside)
+    try:
+        r = client.post("/api/jobs", json=good(tiny_data, train=str(link)))
+        assert r.status_code == 422 and "outside" in r.text
+    finally:
+        link.unlink()
+    bad_utf8 = root / "latin1.txt"
+    bad_utf8.write_bytes("images/train/caf\xe9.jpg\n".encode("latin-1"))
+    try:
+        r = client.post("/api/jobs", json=good(tiny_data, train=str(bad_utf8)))
+        assert r.status_code == 422 and "UTF-8" in r.text and "train" in str(r.json()["detail"][0]["loc"])
+    finally:
+        bad_utf8.unlink()
+    assert tree_digest(storage) == before
+
+
+def test_wrong_body_shapes_and_huge_payloads(client: TestClient, storage: Path, tiny_data: dict[str, Path]) -> None:
+    before = tree_digest(storage)
+    assert client.post("/api/jobs", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/api/jobs", json=[1, 2, 3]).status_code == 422
+    assert client.post("/api/jobs", json={}).status_code == 422
+    huge = good(tiny_data, train="x" * (2 << 20))
+    r = client.post("/api/jobs", json=huge)
+    assert r.status_code == 413 and "bytes" in r.text
+    assert tree_digest(storage) == before
+
+
+def test_job_ids_cannot_escape_the_storage_root(client: TestClient, storage: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    (secret / "weights").mkdir(parents=True)
+    (secret / "state.json").write_text("{}")
+    (secret / "weights" / "weight1.pt").write_bytes(b"secret")
+    (storage / "jobs").mkdir(parents=True)
+    (storage / "jobs" / "evil").symlink_to(secret)
+    for job_id in ("..", "%2e%2e", "..%2f..%2fetc", "evil", "a" * 300, "UPPER", "x;rm"):
+        for path in ("", "/weights", "/report", "/metrics", "/predictions.png"):
+            r = client.get(f"/api/jobs/{job_id}{path}")
+            assert r.status_code in (404, 405, 422), (job_id, path, r.status_code)
+            assert b"secret" not in r.content
+        r = client.post(f"/api/jobs/{job_id}/resume")
+        assert r.status_code in (404, 405, 422), (job_id, r.status_code)
+
+
+def test_token_guards_changes_and_optionally_reads(storage: Path, tiny_data: dict[str, Path]) -> None:
+    settings = Settings(storage=storage, api_token="s3cret")
+    c = TestClient(make_api(settings))
+    assert c.post("/api/jobs", json=good(tiny_data)).status_code == 401
+    assert c.post("/api/jobs", json=good(tiny_data), headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/api/jobs").status_code == 200  # reads are open unless configured
+    r = c.post("/api/jobs", json=good(tiny_data), headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 201, r.text
+    guarded = TestClient(make_api(settings.model_copy(update={"api_token_reads": True})))
+    assert guarded.get("/api/jobs").status_code == 401
+    assert guarded.get("/api/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert guarded.get("/healthz").status_code == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10,
+)
+FIELDS = ["train", "val", "epochs", "chunk_steps", "seed", "batch_size", "lr", "optimizer", "height", "width",
+          "num_classes", "freeze_backbone", "pretrained", "pretrained_path", "num_workers", "queue"]
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=12), json_values, max_size=8))
+def test_fuzzed_submissions_never_5xx(client: TestClient, body: dict[str, Any]) -> None:
+    r = client.post("/api/jobs", json=body)
+    assert r.status_code < 500, (body, r.text)
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(job_id=st.text(min_size=1, max_size=80),
+       verb=st.sampled_from(["", "/weights", "/report", "/metrics", "/cancel", "/pause", "/resume"]),
+       epoch=st.one_of(st.none(), st.integers(-5, 10**12), st.text(max_size=5)))
+def test_fuzzed_job_routes_never_5xx(client: TestClient, job_id: str, verb: str, epoch: Any) -> None:
+    method = client.post if verb in ("/cancel", "/pause", "/resume") else client.get
+    params = {"epoch": epoch} if epoch is not None and verb == "/weights" else None
+    r = method(f"/api/jobs/{quote(job_id, safe='')}{verb}", params=params)
+    assert r.status_code < 500, (job_id, verb, r.text)
+
+
+def test_openapi_is_served(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert "/api/jobs" in spec["paths"] and "/api/queue" in spec["paths"]
