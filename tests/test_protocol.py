@@ -46,6 +46,11 @@ class FakeTrainer:
         return {"start_step": request["chunk"] * 3, "end_step": end, "seconds": 0.1, "loss_last": 1.0,
                 "images_per_s": 10.0, "checkpoint_sha256": digest, "environment": {"device": "cpu"}}
 
+    pid = None
+
+    def start(self) -> None:
+        pass
+
     def kill(self) -> None:
         pass
 

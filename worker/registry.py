@@ -42,9 +42,9 @@ class WorkerRegistry:
             except OSError:
                 pass  # storage hiccup: the next beat tries again
 
-    def doing(self, job: str | None, chunk: int | str | None) -> None:
+    def doing(self, job: str | None, chunk: int | str | None, trainer_pid: int | None = None) -> None:
         with self._lock:
-            self.record.update(job=job, chunk=chunk, since=time.time() if job else None)
+            self.record.update(job=job, chunk=chunk, trainer_pid=trainer_pid, since=time.time() if job else None)
         self._write()
 
     def stop(self) -> None:

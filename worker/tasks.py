@@ -174,7 +174,8 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         layout = rt.store.layout(job_id)
         plan = ChunkPlan(spec, len(read_list(spec.train)))
         end = layout.checkpoint(plan.end(chunk))
-        rt.registry.doing(job_id, chunk)
+        rt.trainer.start()
+        rt.registry.doing(job_id, chunk, rt.trainer.pid)
         started = time.time()
         if checkpoint.is_valid(end):
             # Trained before, not committed (the worker died in between): commit, don't retrain.
@@ -243,7 +244,8 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         if not go:
             return "dropped"
         layout = rt.store.layout(job_id)
-        rt.registry.doing(job_id, "eval")
+        rt.trainer.start()
+        rt.registry.doing(job_id, "eval", rt.trainer.pid)
         watch = _Watch(rt, job_id, token)
         request = {"op": "evaluate", "spec": spec.model_dump(), "job_dir": str(layout.root), "weights": str(layout.weight(spec.epochs))}
         try:
