@@ -1,0 +1,23 @@
+"""The short fault-injection profile: every fault kind at least once, zero violated checks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_short_chaos_profile(redis_url: str) -> None:  # redis_url: skip/fail like every broker test
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--trials", "3", "--seed", "0", "--faults", "4"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "violated checks: 0" in run.stdout
+    for kind in ("kill_worker", "kill_trainer", "term_worker", "redis_restart", "flushall", "scheduler_restart",
+                 "duplicate", "stale", "corrupt_newest", "corrupt_older"):
+        line = next(x for x in run.stdout.splitlines() if x.startswith(kind))
+        assert int(line.split()[-1]) >= 1, f"the short profile injected no {kind}"
