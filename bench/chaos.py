@@ -346,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="relay-chaos-"))
     lists = generate(root / "data", train=16, val=4, seed=args.seed, size=64)
-    spec = TrainSpec(train=str(lists["train"]), val=str(lists["val"]), epochs=4, chunk_steps=2, batch_size=4,
+    spec = TrainSpec(train=str(lists["train"]), val=str(lists["val"]), epochs=5, chunk_steps=2, batch_size=4,
                      height=240, width=240, pretrained=False, seed=args.seed)
-    train_steps(spec, root / "reference", 0, 16)
+    train_steps(spec, root / "reference", 0, spec.epochs * 4)
     reference = checkpoint.load(JobLayout(root / "reference").weight(spec.epochs))
     # Every kind appears in the first trials (in turn), then kinds are drawn at random.
     deck = list(FAULTS)
@@ -358,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [deck.pop() if deck else rng.choice(FAULTS) for _ in range(args.faults)]
         short_visibility = i % 3 == 2
         trial = run_trial(i, root, spec, reference, rng, kinds, short_visibility)
+        applied = [k for k, _ in trial.faults]
+        for kind in kinds:  # a fault the job ended too early for goes back into the deck
+            if kind in applied:
+                applied.remove(kind)
+            elif kind in FAULTS:
+                deck.append(kind)
         tag = " (visibility timeout 1 s)" if short_visibility else ""
         print(f"trial {i}{tag}: {', '.join(k for k, _ in trial.faults)} -> {trial.seconds:.0f} s, "
               f"{len(trial.violations)} violations {trial.violations or ''}", flush=True)

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from scheduler.control import Control, SpecRejected, TransitionRefused
 from scheduler.jobs import JobNotFound
+from scheduler.web import mount_dashboard
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
 
@@ -138,4 +139,5 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
     def queue() -> dict[str, Any]:
         return control.queue()
 
+    mount_dashboard(api)
     return api

@@ -113,15 +113,35 @@ class TrainerProcess:
 
 def _serve() -> None:
     """The subprocess side: import torch once, then answer requests until stdin closes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from segmodel.data import read_list
     from segmodel.evaluate import evaluate
-    from segmodel.spec import TrainSpec
+    from segmodel.spec import ChunkPlan, TrainSpec
     from segmodel.train import train_chunk
     from scheduler.jobs import append_jsonl
+
+    def open_tensorboard(job_dir: Path, tags: dict[str, Any], purge_step: int | None) -> SummaryWriter:
+        """A writer into the job's one TensorBoard run, <job_dir>/tensorboard, shared by every chunk
+        on every worker. TensorBoard reads a run's event files in name order, and names begin with
+        the creation second: wait for the next second if an earlier chunk's file has this one's
+        (chunks shorter than a second), so the files sort in training order. `purge_step` (the
+        chunk's first step) hides the steps a failed earlier attempt wrote past the last commit."""
+        log_dir = job_dir / "tensorboard"
+        newest = max((int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*")
+                      if p.name.split(".")[3].isdigit()), default=0)
+        deadline = time.time() + 2
+        while int(time.time()) <= newest and time.time() < deadline:
+            time.sleep(0.05)
+        who = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(tags.get("worker", "")))
+        suffix = f".{who}.c{tags['chunk']}.a{tags['attempt']}" if "chunk" in tags else ".eval"
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=5, filename_suffix=suffix)
 
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must not corrupt the reply channel
     for line in sys.stdin.buffer:
         request = json.loads(line)
+        writer: SummaryWriter | None = None
         try:
             spec = TrainSpec.model_validate(request["spec"])
             job_dir = Path(request["job_dir"])
@@ -130,14 +150,30 @@ def _serve() -> None:
                 metrics = job_dir / "metrics.jsonl"
 
                 def on_step(m: dict[str, Any]) -> None:
+                    nonlocal writer
                     append_jsonl(metrics, {**m, **tags, "time": time.time()})
+                    if writer is None:  # opened at the first step: a chunk that never trains leaves no file
+                        writer = open_tensorboard(job_dir, tags, purge_step=m["step"])
+                    writer.add_scalar("train/loss", m["loss"], m["step"])
+                    writer.add_scalar("train/lr", m["lr"], m["step"])
+                    writer.add_scalar("train/images_per_s", m["images_per_s"], m["step"])
 
                 result = train_chunk(spec, job_dir, request["chunk"], on_step=on_step).to_dict()
             else:
                 result = evaluate(spec, job_dir, Path(request["weights"]))
+                writer = open_tensorboard(job_dir, {}, purge_step=None)
+                total = ChunkPlan(spec, len(read_list(spec.train))).total_steps
+                writer.add_scalar("eval/mean_iou", result["mean_iou"], total)
+                writer.add_scalar("eval/pixel_accuracy", result["pixel_accuracy"], total)
             reply = {"ok": True, "result": result}
         except Exception as exc:  # every failure goes back to the worker, which records it
             reply = {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
+        finally:
+            if writer is not None:
+                try:
+                    writer.close()  # flushed before the reply: the chunk's curve is on storage when it commits
+                except Exception as exc:  # a lost curve must not lose the chunk
+                    print(f"tensorboard: {exc}", file=sys.stderr)
         out.write((json.dumps(reply) + "\n").encode())
         out.flush()
 
