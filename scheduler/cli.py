@@ -181,7 +181,7 @@ def watch(job_id: str, interval: float) -> None:
 @click.option("--epoch", type=click.IntRange(1), default=None, help="default: the latest epoch")
 def fetch(job_id: str, output: str, epoch: int | None) -> None:
     """Download a job's weights (weight<E>.pt, a plain state_dict)."""
-    path = _call(_client().download_weights, job_id, Path(output), epoch)
+    path = _call(_client().download_weights, job_id, output, epoch)
     click.echo(str(path))
 
 

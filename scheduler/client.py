@@ -55,7 +55,8 @@ class Client:
     def queue(self) -> dict[str, Any]:
         return self._call("GET", "/api/queue")
 
-    def download_weights(self, job_id: str, out: Path, epoch: int | None = None) -> Path:
+    def download_weights(self, job_id: str, out: Path | str, epoch: int | None = None) -> Path:
+        """Stream weight<E>.pt to `out`: a file, or a folder (existing, or written with a trailing /)."""
         params = {"epoch": epoch} if epoch is not None else {}
         try:
             with self.http.stream("GET", f"/api/jobs/{job_id}/weights", params=params) as response:
@@ -63,7 +64,9 @@ class Client:
                     response.read()
                     raise ApiError(response.status_code, _message(response))
                 name = response.headers.get("content-disposition", "").split("filename=")[-1].strip('"') or "weights.pt"
-                target = out / name if out.is_dir() else out
+                folder = str(out).endswith("/") or Path(out).is_dir()
+                target = Path(out) / name if folder else Path(out)
+                target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.part")
                 with open(tmp, "wb") as f:
                     for block in response.iter_bytes():

@@ -222,6 +222,8 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
 
         _, go_on = rt.store.update(job_id, commit)
         if go_on:
+            # Release first: the next chunk's worker must find the lease free, not drop its message.
+            rt.leases.release(job_id, token)
             rt.broker.dispatch(rt.store, job_id, f"chunk {chunk} committed by {rt.settings.node}")
         return f"committed chunk {chunk}" if go_on else "done, job not active"
     finally:
