@@ -168,9 +168,10 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
     if token is None:
         return f"dropped: leased by {rt.leases.holder(job_id)}"
     try:
-        _, go = _begin(rt, job_id, lambda s: s.chunk == chunk)
+        begun, go = _begin(rt, job_id, lambda s: s.chunk == chunk)
         if not go:
             return "dropped: job moved on or gave up"
+        attempt = begun.attempts
         layout = rt.store.layout(job_id)
         plan = ChunkPlan(spec, len(read_list(spec.train)))
         end = layout.checkpoint(plan.end(chunk))
@@ -185,7 +186,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         else:
             watch = _Watch(rt, job_id, token)
             request = {"op": "train", "spec": spec.model_dump(), "job_dir": str(layout.root), "chunk": chunk,
-                       "attempt": state.attempts + 1, "worker": rt.settings.node}
+                       "attempt": attempt, "worker": rt.settings.node}
             try:
                 result = rt.trainer.run(request, watch)
             except Cancelled:
@@ -200,7 +201,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             except TrainerCrashed as exc:
                 _failed(rt, job_id, f"chunk {chunk}", exc)
                 return f"crashed: {exc}"
-        record = ChunkRecord(chunk=chunk, worker=rt.settings.node, attempt=state.attempts + 1,
+        record = ChunkRecord(chunk=chunk, worker=rt.settings.node, attempt=attempt,
                              started_at=started, ended_at=time.time(), **{k: result[k] for k in (
                                  "start_step", "end_step", "seconds", "loss_last", "images_per_s", "checkpoint_sha256", "environment")})
 
@@ -210,7 +211,6 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
                 return False
             if not rt.leases.renew(job_id, token):
                 return False
-            record.attempt = s.attempts
             s.chunk, s.step, s.attempts, s.worker = chunk + 1, record.end_step, 0, None
             s.last_loss, s.last_error = record.loss_last, None
             s.history.append(record)

@@ -1,0 +1,191 @@
+"""The dashboard in headless Chromium, against a real scheduler, two workers and redis-server.
+
+Needs the system's Chromium (`apt-get install -y chromium`) and the Python package playwright
+(no browser download). Without them the test skips, except under CI=true, where it fails.
+Screenshots (overview-running.png, job-running.png, job-succeeded.png) go to $RELAY_SCREENSHOTS,
+or to the test's temporary folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import IN_CI, Procs, free_port, tiny_spec, wait_for
+from test_relay_e2e import Cluster
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "dashboard-test-token"
+
+
+def _unavailable(why: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{why}, and CI must run the dashboard test")
+    pytest.skip(f"{why}: dashboard test skipped")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+    exe = os.environ.get("RELAY_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        _unavailable("chromium is not installed (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Watcher:
+    """Collects what must not happen on the page: script errors, console errors, failed requests.
+    401 answers are allowed while `expect_401` is set (the test withholds the token on purpose)."""
+
+    def __init__(self, page: Any) -> None:
+        self.problems: list[str] = []
+        self.expect_401 = False
+        self.seen_401 = 0
+        page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        page.on("console", self._console)
+        page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.method} {r.url}: {r.failure}"))
+        page.on("response", self._response)
+
+    def _console(self, msg: Any) -> None:
+        if msg.type not in ("error", "warning"):
+            return
+        if self.expect_401 and "status of 401" in msg.text:
+            return  # the browser's own log line for the refused request
+        self.problems.append(f"console {msg.type}: {msg.text} ({msg.location.get('url', '')})")
+
+    def _response(self, r: Any) -> None:
+        if r.status == 401 and self.expect_401:
+            self.seen_401 += 1
+        elif r.status >= 400:
+            self.problems.append(f"HTTP {r.status}: {r.request.method} {r.url}")
+
+
+def _step(page: Any, job_id: str) -> int:
+    return int(page.locator(f'.job-row[data-id="{job_id}"] .job-progress').get_attribute("data-step"))
+
+
+def test_dashboard_follows_a_job(procs: Procs, redis_url: str, tiny_data: dict[str, Path], browser: Any, tmp_path: Path) -> None:
+    procs.env["RELAY_API_TOKEN"] = TOKEN  # changes need it; the CLI sends it, the page must ask for it
+    cluster = Cluster(procs, redis_url)
+    shots = Path(os.environ.get("RELAY_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    # 240x240 inputs and 2-step chunks: 5 epochs of 4 steps in 10 chunks, long enough to watch.
+    spec = tiny_spec(tiny_data, height=240, width=240, epochs=5, chunk_steps=2)
+    job_id = cluster.submit(spec)
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    watch = Watcher(page)
+    page.goto(cluster.api + "/")
+    row = page.locator(f'.job-row[data-id="{job_id}"]')
+    row.wait_for(timeout=30_000)
+    assert page.locator("#jobs").is_visible()
+    assert page.locator('.queue[data-queue="cpu"] .queue-depth').inner_text().isdigit()
+    wait_for(lambda: page.locator(".worker-row").count() == 2, 30, "two workers in the table")
+    assert {page.locator(".worker-row").nth(i).get_attribute("data-node") for i in range(2)} == {"w1", "w2"}
+
+    # Running: the progress the page shows moves on by itself.
+    wait_for(lambda: row.locator(".job-state").inner_text() == "running" and _step(page, job_id) > 0, 120,
+             "the job to run and commit a chunk")
+    first = _step(page, job_id)
+    wait_for(lambda: _step(page, job_id) > first, 60, f"the shown progress to move past step {first}", every=0.25)
+    second = _step(page, job_id)
+    assert row.locator(".job-state").inner_text() == "running", "the job ended before it could be watched"
+    assert f"step {second}/20" in row.locator(".job-progress").inner_text()
+    assert row.locator(".job-loss").inner_text() != "–"
+    wait_for(lambda: page.locator(".worker-doing a").count() >= 1, 30, "a worker shown busy with the job")
+    page.screenshot(path=str(shots / "overview-running.png"), full_page=True)
+
+    # The job page; pausing needs the token the page does not have yet: it asks, keeps and sends it.
+    row.locator(".job-link").click()
+    page.wait_for_url(f"**/#/jobs/{job_id}")
+    page.locator("#job-state").wait_for()
+    page.locator("#loss-chart path.line").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(shots / "job-running.png"), full_page=True)
+    watch.expect_401 = True
+    page.locator("#pause").click()
+    page.locator("#token-dialog[open]").wait_for(timeout=10_000)
+    page.fill("#token-input", TOKEN)
+    page.click("#token-save")
+    wait_for(lambda: page.locator("#job-state").inner_text() == "paused", 30, "the page to show the job paused")
+    watch.expect_401 = False
+    assert watch.seen_401 == 1
+    assert page.evaluate("localStorage.getItem('relay.apiToken')") == TOKEN
+    assert cluster.get(f"/api/jobs/{job_id}")["state"] == "paused"
+    page.locator("#resume").click()  # the saved token goes along: no second question
+    wait_for(lambda: page.locator("#job-state").inner_text() in ("running", "queued", "succeeded"), 30, "the job resumed")
+    assert not page.locator("#token-dialog[open]").is_visible()
+
+    page.locator("#job-state.state-succeeded").wait_for(timeout=300_000)
+    miou = page.locator("#miou")
+    miou.wait_for(timeout=30_000)
+    report = cluster.get(f"/api/jobs/{job_id}/report")
+    assert float(miou.inner_text()) == pytest.approx(report["mean_iou"], abs=5e-5)
+    assert 0.0 <= float(page.locator("#pixel-accuracy").inner_text()) <= 1.0
+    ious = [float(t) for t in page.locator("#per-class .iou-value").all_inner_texts()]
+    assert ious and ious == sorted(ious, reverse=True)
+    page.wait_for_function("() => { const i = document.querySelector('#predictions'); return i && i.complete && i.naturalWidth > 0; }",
+                           timeout=30_000)
+
+    job = cluster.get(f"/api/jobs/{job_id}")
+    assert page.locator(".chunk-row").count() == len(job["history"]) == 10
+    assert {page.locator(".chunk-row").nth(i).get_attribute("data-worker") for i in range(10)} == {h["worker"] for h in job["history"]}
+    assert page.locator("#timeline .attempt").count() >= 11  # ten chunks and the evaluation
+    assert page.locator("#loss-chart .epochs line").count() == 4  # boundaries between 5 epochs
+    assert page.locator("#lr-chart path.line").count() == 1 and page.locator("#ips-chart path.line").count() >= 1
+    assert "20/20" in page.locator("#job-progress-box .progress-text").inner_text()
+    assert page.eval_on_selector("#download", "a => a.href") == f"{cluster.api}/api/jobs/{job_id}/weights?epoch=5"
+    assert any("paused by user" in t for t in page.locator("#events li").all_inner_texts())
+    page.screenshot(path=str(shots / "job-succeeded.png"), full_page=True)
+
+    # A browser without the token still sees everything (reads are open): the picture loads by URL.
+    fresh = browser.new_page(viewport={"width": 1360, "height": 900})
+    other = Watcher(fresh)
+    fresh.goto(f"{cluster.api}/#/jobs/{job_id}")
+    fresh.wait_for_function("() => { const i = document.querySelector('#predictions'); return i && i.complete && i.naturalWidth > 0; }",
+                            timeout=30_000)
+    fresh.locator("a.back").click()  # a hash route: no reload, no request cut short
+    fresh.locator(f'.job-row[data-id="{job_id}"] .job-state.state-succeeded').wait_for(timeout=10_000)
+    problems = watch.problems + other.problems
+    assert not problems, "\n".join(problems)
+
+
+def test_dashboard_asks_for_the_token_when_reads_need_it(procs: Procs, browser: Any) -> None:
+    """RELAY_API_TOKEN_READS: the page itself loads, then asks for the token and shows the queue."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    procs.start("scheduler", "--port", str(port), name="scheduler",
+                env={"RELAY_API_TOKEN": TOKEN, "RELAY_API_TOKEN_READS": "true"})  # embedded: no broker needed
+
+    def up() -> bool:
+        try:
+            return httpx.get(api + "/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, 60, "the scheduler's /healthz")
+    assert httpx.get(api + "/api/jobs", timeout=5).status_code == 401
+    page = browser.new_page()
+    watch = Watcher(page)
+    watch.expect_401 = True
+    page.goto(api + "/")
+    page.locator("#token-dialog[open]").wait_for(timeout=15_000)
+    page.fill("#token-input", TOKEN)
+    page.click("#token-save")
+    page.locator("#jobs tr.empty").wait_for(timeout=15_000)  # "No jobs yet": the reads went through
+    page.locator('.queue[data-queue="cpu"]').wait_for()
+    assert watch.seen_401 >= 1
+    assert not watch.problems, "\n".join(watch.problems)
