@@ -33,7 +33,7 @@ from segmodel import checkpoint
 from segmodel.layout import JobLayout
 from segmodel.spec import TrainSpec
 from segmodel.synthetic import generate
-from segmodel.train import train_steps
+from segmodel.engine import train_range
 from worker.app import EVAL_TASK, TRAIN_TASK, make_app
 from worker.registry import online
 from worker.settings import Settings
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     lists = generate(root / "data", train=16, val=4, seed=args.seed, size=64)
     spec = TrainSpec(train=str(lists["train"]), val=str(lists["val"]), epochs=5, chunk_steps=2, batch_size=4,
                      height=240, width=240, pretrained=False, seed=args.seed)
-    train_steps(spec, root / "reference", 0, spec.epochs * 4)
+    train_range(spec, root / "reference", 0, spec.epochs * 4, cache_dir=root / "reference-cache")
     reference = checkpoint.load(JobLayout(root / "reference").weight(spec.epochs))
     # Every kind appears in the first trials (in turn), then kinds are drawn at random.
     deck = list(FAULTS)

@@ -60,6 +60,8 @@ def spec_options(f: Any) -> Any:
         click.option("--no-pretrained", is_flag=True, help="random backbone instead of ImageNet AlexNet weights"),
         click.option("--pretrained-path", type=click.Path(), default=None, help="local AlexNet weights file"),
         click.option("--queue", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True),
+        click.option("--engine", type=click.Choice(["fast", "seed"]), default="fast", show_default=True,
+                     help="fast: cached data and features, fused loss; seed: the seed's arithmetic exactly"),
     ]
     for option in reversed(options):
         f = option(f)

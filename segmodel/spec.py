@@ -30,6 +30,11 @@ class TrainSpec(BaseModel):
     pretrained_path: str | None = Field(None, description="local file with AlexNet weights")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     queue: Literal["cpu", "gpu"] = "cpu"
+    engine: Literal["fast", "seed"] = Field(
+        "fast",
+        description="fast: cached data and features, fused loss (10x+); seed: the seed's arithmetic exactly. "
+        "The two agree within float rounding, so a job keeps one engine for its whole life.",
+    )
 
 
 class ChunkPlan:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,24 +105,12 @@ def _batches(plan: ChunkPlan, n: int, seed: int, batch_size: int, start: int, en
     return batches
 
 
-def train_steps(
-    spec: TrainSpec,
-    job_dir: Path | str,
-    start: int,
-    end: int,
-    *,
-    device: torch.device | None = None,
-    on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> ChunkResult:
-    """Train global steps [start, end) from the full-state checkpoint at `start` (or the seed at 0).
-
-    Writes weight<E>.pt for every epoch E completed in the range and the full-state checkpoint at
-    `end`, both atomically. Same spec and start state, same bits out, whichever process runs it.
-    """
+def _begin(
+    spec: TrainSpec, job_dir: Path | str, start: int, end: int, device: torch.device, n_samples: int,
+) -> tuple[JobLayout, ChunkPlan, SegmentationNN, torch.optim.Optimizer]:
+    """Validate the step range and bring up the model and optimizer as they were at `start`."""
     layout = JobLayout(Path(job_dir))
-    device = device or pick_device(spec)
-    dataset = SegmentationDataset(spec.train, spec.height, spec.width, spec.num_classes)
-    plan = ChunkPlan(spec, len(dataset))
+    plan = ChunkPlan(spec, n_samples)
     if not 0 <= start < end <= plan.total_steps:
         raise ValueError(f"step range [{start}, {end}) outside the job's 0..{plan.total_steps}")
     if start == 0:
@@ -130,37 +118,45 @@ def train_steps(
     else:
         model, optimizer = _restore(spec, layout.checkpoint(start), device, start)
     model.train()
-    loader = DataLoader(
-        dataset,
-        batch_sampler=_batches(plan, len(dataset), spec.seed, spec.batch_size, start, end),
-        num_workers=spec.num_workers,
-        pin_memory=device.type == "cuda",
-        # Its own generator: a DataLoader otherwise draws a seed from the global RNG, which would
-        # make the saved RNG state depend on how the job was chunked.
-        generator=torch.Generator().manual_seed(spec.seed),
-    )
+    return layout, plan, model, optimizer
+
+
+def _run_steps(
+    layout: JobLayout,
+    plan: ChunkPlan,
+    model: SegmentationNN,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    start: int,
+    end: int,
+    batches: Iterable[Any],
+    step_loss: Callable[[Any], tuple[torch.Tensor, int]],
+    on_step: Callable[[dict[str, Any]], None] | None,
+    env_extra: dict[str, Any] | None = None,
+) -> ChunkResult:
+    """The step loop shared by every way of computing a batch's loss: `step_loss(batch)` returns
+    (loss, images in the batch). Saves weight<E>.pt at each epoch end and the full state at `end`."""
     t0 = time.perf_counter()
     losses: list[float] = []
     images = 0
-    for g, (x, y) in enumerate(loader, start=start):
+    for g, batch in enumerate(batches, start=start):
         t_step = time.perf_counter()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = model.compute_loss(x, y)
+        loss, n = step_loss(batch)
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {g} (epoch {g // plan.steps_per_epoch + 1})")
         loss.backward()
         optimizer.step()
         value = loss.item()
         losses.append(value)
-        images += x.shape[0]
+        images += n
         done = g + 1
         if done % plan.steps_per_epoch == 0:
             checkpoint.save(_cpu_state(model.state_dict()), layout.weight(done // plan.steps_per_epoch))
         if on_step is not None:
             dt = time.perf_counter() - t_step
             on_step({"step": done, "epoch": plan.epoch_of(done), "loss": value, "lr": optimizer.param_groups[0]["lr"],
-                     "step_s": dt, "images_per_s": x.shape[0] / dt if dt > 0 else 0.0})
+                     "step_s": dt, "images_per_s": n / dt if dt > 0 else 0.0})
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": end,
@@ -176,13 +172,53 @@ def train_steps(
         start_step=start, end_step=end, epoch=plan.epoch_of(end),
         loss_last=losses[-1], loss_mean=sum(losses) / len(losses),
         seconds=seconds, images_per_s=images / seconds if seconds > 0 else 0.0,
-        checkpoint_sha256=digest, environment=environment(device),
+        checkpoint_sha256=digest, environment={**environment(device), **(env_extra or {})},
     )
+
+
+def train_steps(
+    spec: TrainSpec,
+    job_dir: Path | str,
+    start: int,
+    end: int,
+    *,
+    device: torch.device | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> ChunkResult:
+    """Train global steps [start, end) from the full-state checkpoint at `start` (or the seed at 0).
+
+    Writes weight<E>.pt for every epoch E completed in the range and the full-state checkpoint at
+    `end`, both atomically. Same spec and start state, same bits out, whichever process runs it.
+    """
+    device = device or pick_device(spec)
+    dataset = SegmentationDataset(spec.train, spec.height, spec.width, spec.num_classes)
+    layout, plan, model, optimizer = _begin(spec, job_dir, start, end, device, len(dataset))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=_batches(plan, len(dataset), spec.seed, spec.batch_size, start, end),
+        num_workers=spec.num_workers,
+        pin_memory=device.type == "cuda",
+        # Its own generator: a DataLoader otherwise draws a seed from the global RNG, which would
+        # make the saved RNG state depend on how the job was chunked.
+        generator=torch.Generator().manual_seed(spec.seed),
+    )
+
+    def step_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return model.compute_loss(x, y), x.shape[0]
+
+    return _run_steps(layout, plan, model, optimizer, device, start, end, loader, step_loss, on_step)
+
+
+def chunk_range(spec: TrainSpec, chunk: int) -> tuple[int, int]:
+    """The global steps [start, end) of chunk k."""
+    plan = ChunkPlan(spec, len(read_list(spec.train)))
+    if not 0 <= chunk < plan.n_chunks:
+        raise ValueError(f"chunk {chunk} outside the job's 0..{plan.n_chunks - 1}")
+    return plan.start(chunk), plan.end(chunk)
 
 
 def train_chunk(spec: TrainSpec, job_dir: Path | str, chunk: int, **kwargs: Any) -> ChunkResult:
     """Train chunk k: from the checkpoint that chunk k-1 wrote to the one chunk k+1 starts from."""
-    plan = ChunkPlan(spec, len(read_list(spec.train)))
-    if not 0 <= chunk < plan.n_chunks:
-        raise ValueError(f"chunk {chunk} outside the job's 0..{plan.n_chunks - 1}")
-    return train_steps(spec, job_dir, plan.start(chunk), plan.end(chunk), **kwargs)
+    return train_steps(spec, job_dir, *chunk_range(spec, chunk), **kwargs)

@@ -19,7 +19,7 @@ from segmodel import checkpoint
 from segmodel.layout import JobLayout
 from segmodel.spec import TrainSpec
 from segmodel.synthetic import generate
-from segmodel.train import train_steps
+from segmodel.engine import train_range
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Short liveness settings so recovery happens in seconds, not minutes.
@@ -60,7 +60,7 @@ def reference(tiny_data: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     """The tiny job trained uninterrupted in-process: every relayed run must end bitwise equal."""
     spec = tiny_spec(tiny_data)
     job_dir = tmp_path_factory.mktemp("reference")
-    train_steps(spec, job_dir, 0, 12)
+    train_range(spec, job_dir, 0, 12, cache_dir=job_dir / "cache")
     return checkpoint.load(JobLayout(job_dir).weight(3))
 
 

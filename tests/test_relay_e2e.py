@@ -14,7 +14,7 @@ import torch
 from conftest import Procs, assert_equal_weights, free_port, tiny_spec, wait_for
 from segmodel import checkpoint
 from segmodel.layout import JobLayout
-from segmodel.train import train_steps
+from segmodel.engine import train_range
 
 pytestmark = pytest.mark.e2e
 
@@ -147,7 +147,7 @@ def test_worker_killed_mid_chunk(cluster: Cluster, tiny_data: dict[str, Path], t
     # Full-size 240x240 inputs make a chunk long enough to be killed in the middle.
     spec = tiny_spec(tiny_data, height=240, width=240, epochs=2, chunk_steps=4)
     ref_dir = tmp_path / "ref"
-    train_steps(spec, ref_dir, 0, 8)
+    train_range(spec, ref_dir, 0, 8, cache_dir=ref_dir / "cache")
     job_id = cluster.submit(spec)
 
     def busy_worker() -> str | None:

@@ -12,6 +12,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RELAY_", extra="ignore")
 
     storage: Path = Field(Path("relay-storage"), description="shared storage root: jobs, checkpoints, reports")
+    cache_dir: Path | None = Field(
+        None, description="prepared-data and feature caches (a local or shared folder); default <storage>/cache"
+    )
     broker_url: str | None = Field(
         None, description="redis://... ; unset = embedded filesystem transport under the storage root"
     )
@@ -38,6 +41,10 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @property
+    def caches(self) -> Path:
+        return self.cache_dir or self.storage / "cache"
 
     @property
     def embedded(self) -> bool:

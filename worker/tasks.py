@@ -20,6 +20,7 @@ from scheduler.broker import Broker
 from scheduler.jobs import ChunkRecord, JobNotFound, JobState, JobStatus, JobStore, append_jsonl
 from segmodel import checkpoint
 from segmodel.data import read_list
+from worker.trainer_env import worker_env
 from segmodel.spec import ChunkPlan
 from worker.app import EVAL_TASK, TRAIN_TASK, make_app
 from worker.lease import Leases, make_leases
@@ -54,7 +55,7 @@ def runtime() -> Runtime:
             store=JobStore(s.storage),
             broker=Broker(make_app(s), s),
             leases=make_leases(s.broker_url, s.storage, s.lease_ttl_s),
-            trainer=TrainerProcess(),
+            trainer=TrainerProcess(env=worker_env()),
             registry=WorkerRegistry(s.storage, s.node, s.queues),
         )
     return _runtime
@@ -186,6 +187,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         else:
             watch = _Watch(rt, job_id, token)
             request = {"op": "train", "spec": spec.model_dump(), "job_dir": str(layout.root), "chunk": chunk,
+                       "cache_dir": str(rt.settings.caches),
                        "attempt": attempt, "worker": rt.settings.node}
             try:
                 result = rt.trainer.run(request, watch)

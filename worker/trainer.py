@@ -118,7 +118,7 @@ def _serve() -> None:
     from segmodel.data import read_list
     from segmodel.evaluate import evaluate
     from segmodel.spec import ChunkPlan, TrainSpec
-    from segmodel.train import train_chunk
+    from segmodel.engine import train_chunk
     from scheduler.jobs import append_jsonl
 
     def open_tensorboard(job_dir: Path, tags: dict[str, Any], purge_step: int | None) -> SummaryWriter:
@@ -158,7 +158,7 @@ def _serve() -> None:
                     writer.add_scalar("train/lr", m["lr"], m["step"])
                     writer.add_scalar("train/images_per_s", m["images_per_s"], m["step"])
 
-                result = train_chunk(spec, job_dir, request["chunk"], on_step=on_step).to_dict()
+                result = train_chunk(spec, job_dir, request["chunk"], cache_dir=request["cache_dir"], on_step=on_step).to_dict()
             else:
                 result = evaluate(spec, job_dir, Path(request["weights"]))
                 writer = open_tensorboard(job_dir, {}, purge_step=None)

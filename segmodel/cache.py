@@ -1,0 +1,341 @@
+"""Caches on shared storage that make an epoch cheap: decoded data and frozen-backbone features.
+
+Prepared data, `<cache>/data/<key>/`: every sample decoded and resized once, exactly as the seed's
+`load_sample` does it, into `images.npy` (N, H, W, 3) uint8 and `labels.npy` (N, H, W) uint8, read
+back with `np.load(mmap_mode="r")`. The key is a sha256 of the format version, the sizes, the
+Pillow version and, for every sample in list order, the resolved image and annotation paths with
+their size and mtime_ns (or, with `content_hash=True`, a sha256 of their bytes). Rewriting a file
+changes its mtime, so it gets a new key and a new cache; the old one is simply no longer used.
+A rewrite that keeps both size and mtime_ns (a copy with preserved times) is not noticed unless
+`content_hash=True` - the same rule as make's and rsync's.
+
+Frozen features, `<cache>/features/<key>/features.npy` (N, 256, h, w) float32: the backbone's
+output for every sample. Keyed by the data key, a sha256 of the backbone's state_dict (so other
+pretrained weights never reuse it), the device type and the torch version. Only valid while the
+backbone cannot change the features: frozen, deterministic layers (no dropout or batch norm) and no
+random augmentation (the seed has none).
+
+Exactness. The features are computed in fixed batches of FEATURE_BATCH consecutive samples in list
+order, not in the training batches. The stored bits are therefore a function of the data, the
+weights and the machine that built the cache, never of the job's chunking or order: every chunk of
+a job reads the same bits, so cached training keeps the relay's bitwise guarantee. Compared with
+the uncached path (features of each shuffled training batch), the features are equal bit for bit
+where the convolution does not depend on the batch's composition (the case for 240x240 inputs on
+our CPUs, observed); elsewhere oneDNN may pick another algorithm for another batch size and the
+last bits differ. Fixed batches rather than one image at a time: a batch of 16 is ~2.5x faster to
+compute on CPU and just as independent of the job.
+
+Both caches are built in a temporary folder next to the final one and renamed into place, so a
+reader sees a complete cache or none. Two workers building the same key at once both do the work;
+the first rename wins and the other's copy is removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+import torch
+from torch import nn
+
+from segmodel.data import Sample, load_sample, read_list, to_tensors
+from segmodel.errors import DataError
+
+DATA_FORMAT = 1  # bump when load_sample's output for the same file could change
+FEATURE_FORMAT = 1
+FEATURE_BATCH = 16
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_entry(sample: Sample, path: Path, content_hash: bool) -> list[Any]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError("file does not exist", list_file=sample.list_file, line=sample.line, path=path) from None
+    entry: list[Any] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    if content_hash:
+        entry.append(_file_sha256(path))
+    return entry
+
+
+def data_key(samples: Sequence[Sample], height: int, width: int, num_classes: int, *, content_hash: bool = False) -> str:
+    """sha256 naming the prepared data of these samples at this size. Stats every file (on many
+    threads: on network storage each stat is a round trip), every chunk: cheap next to a step."""
+    h = hashlib.sha256()
+    head = {"format": DATA_FORMAT, "height": height, "width": width, "num_classes": num_classes,
+            "n": len(samples), "pillow": PIL.__version__, "content_hash": content_hash}
+    h.update(json.dumps(head, sort_keys=True).encode() + b"\n")
+
+    def entry(s: Sample) -> bytes:
+        return json.dumps([_file_entry(s, s.image, content_hash), _file_entry(s, s.annotation, content_hash)]).encode()
+
+    if len(samples) < 256:
+        entries = [entry(s) for s in samples]
+    else:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            entries = list(pool.map(entry, samples))
+    for e in entries:
+        h.update(e + b"\n")
+    return h.hexdigest()
+
+
+def state_dict_digest(module: nn.Module) -> str:
+    """sha256 of a module's state_dict: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def feature_key(data: str, backbone_digest: str, device_type: str) -> str:
+    head = {"format": FEATURE_FORMAT, "data": data, "backbone": backbone_digest, "device": device_type,
+            "torch": torch.__version__, "batch": FEATURE_BATCH}
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
+
+
+# ---- building --------------------------------------------------------------------------------------
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary folder into place; if someone else got there first, keep theirs."""
+    _fsync_tree(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+STALE_TMP_S = 24 * 3600  # a temporary build folder this old belongs to a builder that died
+
+
+def _tmp_dir(parent: Path, key: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in parent.glob(".tmp-*"):
+        try:
+            if now - old.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    tmp = parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _read_meta(folder: Path, key: str) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return meta if meta.get("key") == key else None
+
+
+@dataclass
+class DataCache:
+    path: Path
+    key: str
+    images: np.ndarray  # (N, H, W, 3) uint8, memory-mapped
+    labels: np.ndarray  # (N, H, W) uint8, memory-mapped
+    built_s: float = 0.0  # seconds spent building it in this call (0: it was there)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) float and (N, H, W) int64: bit for bit what the seed's Dataset + default collate give."""
+        pairs = [to_tensors(self.images[i], self.labels[i]) for i in indices]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def label_batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """(N, H, W) uint8 class ids (the fast loss takes any integer type)."""
+        return torch.from_numpy(self.labels[list(indices)])
+
+
+def _open_data(folder: Path, key: str, built_s: float = 0.0) -> DataCache | None:
+    meta = _read_meta(folder, key)
+    if meta is None:
+        return None
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    labels = np.load(folder / "labels.npy", mmap_mode="r")
+    if images.shape[0] != meta["n"] or labels.shape[0] != meta["n"]:
+        return None
+    return DataCache(folder, key, images, labels, built_s)
+
+
+def data_cache(
+    list_file: Path | str | Sequence[Sample],
+    height: int,
+    width: int,
+    num_classes: int,
+    root: Path | str,
+    *,
+    progress: Progress | None = None,
+    threads: int | None = None,
+    content_hash: bool = False,
+) -> DataCache:
+    """The prepared data of a list file (or parsed samples), built first if it is not on storage yet.
+
+    Bad samples raise DataError naming list file, line and path, and leave no cache behind.
+    """
+    samples = read_list(list_file) if isinstance(list_file, (str, Path)) else list(list_file)
+    key = data_key(samples, height, width, num_classes, content_hash=content_hash)
+    parent = Path(root) / "data"
+    final = parent / key
+    found = _open_data(final, key)
+    if found is not None:
+        return found
+    t0 = time.perf_counter()
+    tmp = _tmp_dir(parent, key)
+    try:
+        n = len(samples)
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
+        labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, height, width))
+        workers = threads or max(1, len(os.sched_getaffinity(0)))
+        # PIL decodes and resizes with the GIL released: threads use every core. Windows of
+        # samples bound the decoded images waiting to be written; a bad sample stops the rest.
+        window = 64 * workers
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            for w0 in range(0, n, window):
+                part = samples[w0 : w0 + window]
+                for i, (rgb, lab) in enumerate(pool.map(lambda s: load_sample(s, height, width, num_classes), part), start=w0):
+                    images[i] = rgb
+                    labels[i] = lab
+                if progress is not None:
+                    progress("data", min(n, w0 + window), n)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        images.flush()
+        labels.flush()
+        del images, labels
+        meta = {"key": key, "format": DATA_FORMAT, "n": n, "height": height, "width": width, "num_classes": num_classes,
+                "samples": [[str(s.image), str(s.annotation)] for s in samples], "built": time.time(),
+                "seconds": time.perf_counter() - t0}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    opened = _open_data(final, key, time.perf_counter() - t0)
+    assert opened is not None
+    return opened
+
+
+# ---- frozen features -------------------------------------------------------------------------------
+
+_DETERMINISTIC = (nn.Sequential, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
+
+
+def cacheable_backbone(backbone: nn.Module) -> bool:
+    """Frozen and made only of layers whose output depends on nothing but input and weights."""
+    frozen = not any(p.requires_grad for p in backbone.parameters())
+    return frozen and all(isinstance(m, _DETERMINISTIC) for m in backbone.modules())
+
+
+@dataclass
+class FeatureCache:
+    path: Path
+    key: str
+    features: np.ndarray  # (N, C, h, w) float32, memory-mapped
+    built_s: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(self.features[list(indices)])
+
+
+def _open_features(folder: Path, key: str, built_s: float = 0.0) -> FeatureCache | None:
+    meta = _read_meta(folder, key)
+    if meta is None:
+        return None
+    feats = np.load(folder / "features.npy", mmap_mode="r")
+    if feats.shape[0] != meta["n"]:
+        return None
+    return FeatureCache(folder, key, feats, built_s)
+
+
+@torch.no_grad()
+def feature_cache(
+    data: DataCache,
+    backbone: nn.Module,
+    root: Path | str,
+    device: torch.device | str = "cpu",
+    *,
+    progress: Progress | None = None,
+) -> FeatureCache:
+    """The backbone's features of every sample of `data`, computed first if not on storage yet."""
+    device = torch.device(device)
+    if not cacheable_backbone(backbone):
+        raise ValueError("the backbone is trainable or has layers with state or randomness: its features cannot be cached")
+    key = feature_key(data.key, state_dict_digest(backbone), device.type)
+    parent = Path(root) / "features"
+    final = parent / key
+    found = _open_features(final, key)
+    if found is not None:
+        return found
+    t0 = time.perf_counter()
+    tmp = _tmp_dir(parent, key)
+    try:
+        n = len(data)
+        feats: np.ndarray | None = None
+        for b0 in range(0, n, FEATURE_BATCH):
+            idx = range(b0, min(n, b0 + FEATURE_BATCH))
+            x, _ = data.batch(idx)
+            out = backbone(x.to(device)).float().cpu().numpy()
+            if feats is None:
+                feats = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, *out.shape[1:]))
+            feats[b0 : b0 + len(idx)] = out
+            if progress is not None:
+                progress("features", b0 + len(idx), n)
+        assert feats is not None
+        feats.flush()
+        shape = list(feats.shape)
+        del feats
+        meta = {"key": key, "format": FEATURE_FORMAT, "n": n, "shape": shape, "data": data.key, "device": device.type,
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "built": time.time(),
+                "seconds": time.perf_counter() - t0}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    opened = _open_features(final, key, time.perf_counter() - t0)
+    assert opened is not None
+    return opened

@@ -1,0 +1,346 @@
+"""The head's loss without the full-resolution logits: bilinear upsample + cross-entropy, fused.
+
+The seed computes `CrossEntropyLoss(ignore_index=0)(Upsample((H, W), bilinear, align_corners=True)(z))`
+for features-level logits z (N, C, h, w) = (16, 101, 6, 6): a 16x101x240x240 tensor (372 MB) is
+written, read back by the loss, and its gradient written and read again. That is ~75% of a step.
+
+Here the same value and its gradient come from one pass over row blocks that stay in cache:
+
+* An align_corners bilinear upsample is separable and linear, with PyTorch's own weights (built
+  with its float arithmetic, `_interp_weights`): along the width a tiny GEMM with A_w (W, w) turns
+  an image's grid rows into full-width rows Y; along the height, output row i lies in the grid cell
+  k = i0(i) and is Y[k] + l1(i) * (Y[k+1] - Y[k]), one broadcast multiply-add per block.
+* Per image and per block of rows of one cell: the logits U of those rows, the target logit
+  gathered, exp in place, the per-pixel sum over classes, then in the same buffer the gradient of
+  the mean loss w.r.t. U, (softmax - onehot) * valid / n, contracted back onto the grid rows k and
+  k+1 (sums over the block's rows weighted by l0 and l1). The loss being a scalar, its gradient is
+  known in the forward pass; `backward` only scales it. A last tiny GEMM with A_w finishes it.
+* Logits are carried in base 2 (times log2 e): torch.exp2 is ~3x faster than torch.exp on CPU and
+  stays fast where results are subnormal. The sum of exps is the same quantity.
+* Overflow: exp is taken of U - max(z[i]) (the image's largest logit bounds every interpolated
+  logit, bilinear weights being convex), so exp <= 1. If some pixel's classes all sit so far below
+  that bound that their exps underflow (sum < 1e-30), the image is redone with each pixel's own
+  max subtracted, as PyTorch does. Either way log-sum-exp is exact to float rounding.
+* CPU: images run in parallel on a small thread pool, as many threads as torch's intra-op count,
+  each running torch single-threaded (`torch.set_num_threads(1)` in the pool thread; its GEMMs
+  then run single-threaded too, measured). Two thousand small ops per step, each an OpenMP
+  fork/join, collapse when the machine is oversubscribed (a descheduled team member stalls every
+  barrier: 0.2 s/step became 2-5 s on a shared 2-core machine); whole images per thread have no
+  barriers. Each image's arithmetic is then the same whatever the thread count. The per-image
+  function is compiled with TorchScript where available (`_compiled`): it then runs without the
+  GIL, so the threads do not hand it back and forth at every op.
+* CUDA: all images of a batch at once, whole cells per block (memory permitting).
+
+Value and gradient match the reference within float rounding (tests/test_fast.py checks 1e-5
+relative; observed ~1e-7 on the loss and ~2e-6 of the largest entry on the gradient, closer to a
+float64 reference than PyTorch's own float32 path). Not bitwise: the order of the operations
+differs. Deterministic for the same inputs, thread count and device (no atomics: gather/scatter
+touch each pixel's one class once), so training with it is exact across chunkings.
+
+An all-void batch (no pixel != ignore_index) gives what PyTorch gives: a nan loss (0/0 mean) and a
+zero gradient.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+# _group's constants: log2(e), ln(2), and `tiny`: a per-pixel sum of exps below 1e-30 redoes the
+# image with the exact per-pixel max.
+_CPU_BLOCK_BYTES = 2 << 20  # one row block's logits, per thread: ~a core's L2 (best of 0.7-3 MB, measured)
+_CUDA_BLOCK_BYTES = 1 << 30
+
+
+def _interp_weights(out_size: int, in_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i0, l1) of align_corners=True linear interpolation: out[i] = (1 - l1) x[i0] + l1 x[i1].
+
+    ATen's arithmetic (UpSample.h: area_pixel_compute_scale, guard_index_and_lambda) in the
+    tensor's opmath type (float for float32, double for float64): scale = (in-1)/(out-1),
+    src = scale * i, i0 = min(floor(src), in-1), l1 = clamp(src - i0, 0, 1), i1 = i0 + (i0 < in-1).
+    """
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    if out_size > 1:
+        scale = torch.tensor(float(in_size - 1), dtype=opmath) / torch.tensor(float(out_size - 1), dtype=opmath)
+    else:
+        scale = torch.zeros((), dtype=opmath)
+    src = scale * torch.arange(out_size, dtype=opmath)
+    i0 = torch.clamp(torch.floor(src).long(), max=in_size - 1)
+    l1 = torch.clamp(src - i0.to(opmath), 0.0, 1.0)
+    return i0, l1
+
+
+def _interp_matrix(out_size: int, in_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(out_size, in_size) matrix M with up(x) = M @ x, holding PyTorch's weights."""
+    i0, l1 = _interp_weights(out_size, in_size, dtype)
+    l0 = torch.ones((), dtype=l1.dtype) - l1
+    i1 = i0 + (i0 < in_size - 1).long()
+    m = torch.zeros(out_size, in_size, dtype=l1.dtype)
+    rows = torch.arange(out_size)
+    m.index_put_((rows, i0), l0, accumulate=True)
+    m.index_put_((rows, i1), l1, accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
+_CACHE: dict[tuple[Any, ...], Any] = {}
+
+
+def interp_matrix(out_size: int, in_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = ("matrix", out_size, in_size, dtype, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = _interp_matrix(out_size, in_size, dtype, device)
+    return _CACHE[key]
+
+
+Block = tuple[int, int, int, torch.Tensor, torch.Tensor]
+
+
+def _row_blocks(height: int, h: int, rows: int, dtype: torch.dtype, device: torch.device) -> list[Block]:
+    """Blocks (k, r0, r1, l1, weights) of at most `rows` output rows, all in grid cell k, cells split
+    evenly. l1 (r, 1) and weights (2, r) = [l0; l1]: PyTorch's weights of those rows on grid rows k, k+1."""
+    key = ("blocks", height, h, rows, dtype, str(device))
+    if key not in _CACHE:
+        i0, l1 = _interp_weights(height, h, dtype)
+        l0 = torch.ones((), dtype=l1.dtype) - l1
+        weights = torch.stack([l0, l1]).to(dtype=dtype, device=device)
+        blocks = []
+        for k in range(h):
+            cell = (i0 == k).nonzero().flatten()
+            if not len(cell):
+                continue
+            first, count = int(cell[0]), len(cell)
+            parts = -(-count // rows)
+            bounds = [first + count * j // parts for j in range(parts + 1)]
+            blocks += [(k, a, b, weights[1, a:b].reshape(-1, 1), weights[:, a:b].contiguous())
+                       for a, b in zip(bounds, bounds[1:])]
+        _CACHE[key] = blocks
+    return _CACHE[key]
+
+
+def _rows_per_block(z: torch.Tensor, group: int, height: int, width: int) -> int:
+    per_row = group * z.shape[1] * width * z.element_size()
+    budget = _CUDA_BLOCK_BYTES if z.device.type == "cuda" else _CPU_BLOCK_BYTES
+    return max(1, min(height, budget // per_row))
+
+
+def _group_size(z: torch.Tensor, height: int, width: int) -> int:
+    """Images per pass: one on CPU (its row blocks fit in cache); on CUDA as many as fit the budget."""
+    if z.device.type != "cuda":
+        return 1
+    per_image = z.shape[1] * height * width * z.element_size()
+    return max(1, min(z.shape[0], _CUDA_BLOCK_BYTES // per_image))
+
+
+def _group(
+    z: torch.Tensor, target: torch.Tensor, ignore_index: int, inv_n: float, a_w: torch.Tensor,
+    blocks: List[Tuple[int, int, int, torch.Tensor, torch.Tensor]], rows: int, want_grad: bool, exact_max: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
+    """One pass over a group of G images (one on CPU): (their share of the mean loss, the sum of
+    their valid pixels' nll * inv_n, as float64; its gradient d/dz (G, C, h, w) or None; whether
+    some pixel's sum of exps underflowed). TorchScript-compatible (see _compiled)."""
+    log2e, ln2, tiny = 1.4426950408889634, 0.6931471805599453, 1e-30  # (TorchScript takes no float globals)
+    g, c, h = z.size(0), z.size(1), z.size(2)
+    height, width = target.size(1), target.size(2)
+    cw = c * width
+    # Y (G, h, C*W): the grid rows upsampled along the width, in base-2 units, shifted by the
+    # image's max except in the exact pass (which subtracts each pixel's own max instead: shifting
+    # too would only add rounding, logits of +-200 becoming -400); D = Y[k+1] - Y[k], 0 for the last.
+    if exact_max:
+        zs = z * log2e
+    else:
+        zs = (z - z.amax(dim=[1, 2, 3], keepdim=True)).mul_(log2e)
+    y = torch.matmul(zs, a_w.t()).permute(0, 2, 1, 3).reshape(g, h, cw)
+    d = torch.zeros_like(y)
+    torch.sub(y[:, 1:], y[:, :-1], out=d[:, :-1])
+    valid = (target != ignore_index).unsqueeze(2)  # (G, H, 1, W)
+    # class ids to gather; void pixels gather some class (the ignore index itself when it is one), with weight 0
+    if 0 <= ignore_index < c:
+        tg = target.unsqueeze(2).long()
+    else:
+        tg = torch.where(valid, target.unsqueeze(2), 0).long()
+    vg = valid.to(z.dtype).mul_(inv_n)
+    nvg = vg.neg()
+    acc = torch.zeros([g, h, cw], dtype=z.dtype, device=z.device)  # dL/dY
+    work = torch.empty([g * rows * cw], dtype=z.dtype, device=z.device)
+    inv_s = torch.empty([g, rows, 1, width], dtype=z.dtype, device=z.device)
+    s_all = torch.empty([g, height, 1, width], dtype=z.dtype, device=z.device)
+    ut_all = torch.empty_like(s_all)
+    for k, r0, r1, l1, lw in blocks:
+        r = r1 - r0
+        u = work[: g * r * cw].view(g, r, cw)
+        torch.addcmul(y[:, k : k + 1], l1, d[:, k : k + 1], out=u)  # rows of cell k: Y[k] + l1 (Y[k+1] - Y[k])
+        u4 = u.view(g, r, c, width)
+        tb = tg[:, r0:r1]
+        if exact_max:
+            u4.sub_(u4.amax(dim=[2], keepdim=True))
+        torch.gather(u4, 2, tb, out=ut_all[:, r0:r1])
+        torch.exp2(u, out=u)
+        s = s_all[:, r0:r1]
+        torch.sum(u4, dim=[2], keepdim=True, out=s)
+        if want_grad:
+            u4.mul_(torch.div(vg[:, r0:r1], s, out=inv_s[:, :r]))  # softmax * valid / n
+            u4.scatter_add_(2, tb, nvg[:, r0:r1])  # - onehot * valid / n
+            if k + 1 == h:  # the last grid row: i1 = i0, both weights land on it
+                acc[:, k].add_(u.sum(dim=1))
+            elif g == 1:  # sum_i l0[i] G[i] onto grid row k, sum_i l1[i] G[i] onto row k + 1
+                acc[0, k : k + 2].addmm_(lw, u[0])
+            else:
+                acc[:, k : k + 2].add_(torch.matmul(lw, u))
+    underflow = bool((s_all < tiny).any())  # if not, every log below is finite
+    share = s_all.log_().sub_(ut_all, alpha=ln2).mul_(vg).sum(dtype=torch.float64)  # sum of nll * valid / n
+    grad: Optional[torch.Tensor] = None
+    if want_grad:
+        # d/dz[g, c, k, l] = sum_j dL/dY[g, k, c, j] * A_w[j, l]
+        grad = torch.matmul(acc.view(g, h, c, width), a_w).permute(0, 2, 1, 3)
+    return share, grad, underflow
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled() -> Any:
+    """_group compiled by TorchScript, or _group itself where that is unavailable.
+
+    The compiled function runs without Python and without the GIL: two pool threads running
+    images side by side no longer hand the GIL back and forth at every op (thousands of futex
+    calls per step, measured). Same kernels in the same order: bitwise the same results (tested).
+    torch.jit.script is deprecated in favour of torch.compile, which needs a C++ compiler at run
+    time on CPU (the worker image has none) and ~40 s per process to compile; RELAY_FASTLOSS_SCRIPT=0
+    turns it off.
+    """
+    if not _COMPILED:
+        fn: Any = _group
+        if os.environ.get("RELAY_FASTLOSS_SCRIPT", "1") != "0":
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fn = torch.jit.script(_group)
+            except Exception:  # no TorchScript in this build, or it cannot compile _group
+                fn = _group
+        _COMPILED.append(fn)
+    return _COMPILED[0]
+
+
+# ---- CPU thread pool: each thread runs torch single-threaded ----------------------------------------
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _single_threaded() -> None:
+    torch.ones(2).add_(1)  # torch's lazy per-thread setup first: it would reset the count later
+    torch.set_num_threads(1)
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != size:
+            if _POOL is not None:
+                _POOL.shutdown(wait=True)
+            caller = torch.get_num_threads()
+            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fastloss", initializer=_single_threaded)
+            # start every thread now, then put back the count that torch.set_num_threads(1) in
+            # them also changed for the calling thread and for threads created later
+            barrier = threading.Barrier(size)
+            list(_POOL.map(lambda _: barrier.wait(), range(size)))
+            torch.set_num_threads(caller)
+            _POOL_SIZE = size
+        return _POOL
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _POOL, _POOL_SIZE, _POOL_LOCK
+    _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+# ---- the loss ---------------------------------------------------------------------------------------
+
+def upsample_cross_entropy_with_grad(
+    z: torch.Tensor, target: torch.Tensor, size: tuple[int, int], ignore_index: int = 0, want_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, d loss / d z) of CrossEntropyLoss(ignore_index)(Upsample(size, bilinear, align_corners)(z), target).
+
+    Never holds more than a cache-sized block of the (N, C, H, W) logits per thread (on CUDA: up
+    to 1 GiB).
+    """
+    if z.dim() != 4 or target.dim() != 3 or target.shape[0] != z.shape[0] or tuple(target.shape[1:]) != tuple(size):
+        raise ValueError(f"expected z (N, C, h, w) and target (N, {size[0]}, {size[1]}), got {tuple(z.shape)} and {tuple(target.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must be floating point, got {z.dtype}")
+    height, width = int(size[0]), int(size[1])
+    n_img, c, h, w = z.shape
+    z = z.detach().contiguous()
+    target = target.to(z.device)
+    valid = target != ignore_index
+    lo, hi = (int(v) for v in torch.aminmax(target if 0 <= ignore_index < c else torch.where(valid, target, 0)))
+    if lo < 0 or hi >= c:
+        raise IndexError(f"target class id out of range [0, {c}): min {lo}, max {hi}")
+    n_valid = int(valid.sum())
+    if n_valid == 0:  # what PyTorch gives: a mean over nothing
+        return torch.tensor(math.nan, dtype=z.dtype, device=z.device), torch.zeros_like(z) if want_grad else None
+    a_w = interp_matrix(width, w, z.dtype, z.device)
+    group = _group_size(z, height, width)
+    blocks = _row_blocks(height, h, _rows_per_block(z, group, height, width), z.dtype, z.device)
+    rows = max(b[2] - b[1] for b in blocks)
+    grad = torch.empty_like(z) if want_grad else None
+    group_fn = _compiled()
+
+    def one(a: int, exact_max: bool = False) -> tuple[torch.Tensor, bool]:
+        b = min(n_img, a + group)
+        total, g, underflow = group_fn(z[a:b], target[a:b], ignore_index, 1.0 / n_valid, a_w, blocks, rows, want_grad, exact_max)
+        if grad is not None:
+            grad[a:b] = g
+        return total, underflow
+
+    def each(starts: list[int], exact_max: bool) -> list[tuple[torch.Tensor, bool]]:
+        threads = torch.get_num_threads()
+        if z.device.type == "cpu" and threads > 1:
+            return list(_pool(threads).map(lambda a: one(a, exact_max), starts))
+        return [one(a, exact_max) for a in starts]
+
+    starts = list(range(0, n_img, group))
+    results = dict(zip(starts, each(starts, False)))
+    flagged = [a for a, (_, underflow) in results.items() if underflow]
+    if flagged:  # redo with each pixel's own max subtracted, as PyTorch does
+        results.update(zip(flagged, each(flagged, True)))
+    totals = [results[a][0] for a in starts]
+    total = torch.stack(totals).sum() if len(totals) > 1 else totals[0]
+    return total.to(z.dtype), grad
+
+
+class _UpsampleCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, target: torch.Tensor, height: int, width: int, ignore_index: int) -> torch.Tensor:  # type: ignore[override]
+        loss, grad = upsample_cross_entropy_with_grad(z, target, (height, width), ignore_index, want_grad=ctx.needs_input_grad[0])
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None
+
+
+def upsample_cross_entropy(z: torch.Tensor, target: torch.Tensor, size: tuple[int, int], ignore_index: int = 0) -> torch.Tensor:
+    """Differentiable loss equal (to float rounding) to the seed's upsample + CrossEntropyLoss(mean)."""
+    return _UpsampleCrossEntropy.apply(z, target, int(size[0]), int(size[1]), int(ignore_index))
+
+
+def reference_loss(z: torch.Tensor, target: torch.Tensor, size: tuple[int, int], ignore_index: int = 0) -> torch.Tensor:
+    """The seed's formulation, for tests and benchmarks."""
+    up = torch.nn.functional.interpolate(z, size=size, mode="bilinear", align_corners=True)
+    return torch.nn.functional.cross_entropy(up, target.long(), ignore_index=ignore_index)
