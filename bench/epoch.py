@@ -86,7 +86,7 @@ def generate(out: Path, n: int, seed: int = 0) -> Path:
 
 # ---- (a) the seed's loop ------------------------------------------------------------------------
 
-def run_seed(list_file: str, steps: int) -> dict[str, Any]:
+def run_seed(list_file: str, steps: int, device: str) -> dict[str, Any]:
     import pytorch_lightning as pl
     import torch
     from torch.utils.data import DataLoader
@@ -105,7 +105,7 @@ def run_seed(list_file: str, steps: int) -> dict[str, Any]:
     model = SegmentationNN(pretrained=False)  # same compute as the ImageNet weights; this runs offline
     loader = DataLoader(SegmentationDataset(list_file), batch_size=BATCH, shuffle=True, num_workers=0)
     times = Times()
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=steps, accelerator="cpu", devices=1, logger=False,
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=steps, accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
                          enable_checkpointing=False, callbacks=[times])
     t0 = time.perf_counter()
     trainer.fit(model, loader)
@@ -118,7 +118,7 @@ def run_seed(list_file: str, steps: int) -> dict[str, Any]:
 
 # ---- (b) Relay's fast engine --------------------------------------------------------------------
 
-def run_fast(list_file: str, steps: int, work: Path) -> dict[str, Any]:
+def run_fast(list_file: str, steps: int, work: Path, device: str) -> dict[str, Any]:
     import torch
 
     from segmodel import cache as caches
@@ -130,16 +130,17 @@ def run_fast(list_file: str, steps: int, work: Path) -> dict[str, Any]:
     samples = read_list(list_file)
     n = len(samples)
     per_epoch = math.ceil(n / BATCH)
-    spec = TrainSpec(train=list_file, val=list_file, epochs=max(1, math.ceil((steps + 1) / per_epoch)), pretrained=False)
+    spec = TrainSpec(train=list_file, val=list_file, epochs=max(1, math.ceil((steps + 1) / per_epoch)), pretrained=False,
+                     queue="gpu" if device == "cuda" else "cpu")  # jobs on the gpu queue train on CUDA
     assert ChunkPlan(spec, n).total_steps >= steps + 1
     cache = work / "cache"
     # the one-time cost, stage by stage: what the job's first chunk does before its first step
     t0 = time.perf_counter()
     data = caches.data_cache(samples, spec.height, spec.width, spec.num_classes, cache)
     data_s = time.perf_counter() - t0
-    model, _ = _fresh_state(spec, torch.device("cpu"))  # the job's backbone at step 0 (every chunk builds its model)
+    model, _ = _fresh_state(spec, torch.device(device))  # the job's backbone at step 0 (every chunk builds its model)
     t1 = time.perf_counter()
-    caches.feature_cache(data, model.features, cache, "cpu")
+    caches.feature_cache(data, model.features, cache, torch.device(device))
     features_s = time.perf_counter() - t1
     step_s: list[float] = []
     first = train_steps_fast(spec, work / "job", 0, 1, storage_cache=cache)
@@ -157,7 +158,7 @@ def run_fast(list_file: str, steps: int, work: Path) -> dict[str, Any]:
 
 def _child(part: str, args: argparse.Namespace, list_file: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--part", part, "--list", str(list_file), "--work", str(work),
-           "--steps", str(args.steps if part == "seed" else args.fast_steps)]
+           "--steps", str(args.steps if part == "seed" else args.fast_steps), "--device", args.device]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-5000:])
@@ -174,16 +175,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="folder for data and caches (default: a temporary one)")
     ap.add_argument("--no-seed-in-worker-env", dest="seed_in_worker_env", action="store_false",
                     help="skip the informational rerun of the seed loop with the trainer's malloc settings")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both loops run (default cpu)")
     ap.add_argument("--part", choices=["seed", "fast"], help=argparse.SUPPRESS)
     ap.add_argument("--list", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.part == "seed":
-        print("RESULT " + json.dumps(run_seed(args.list, args.steps)), flush=True)
+        print("RESULT " + json.dumps(run_seed(args.list, args.steps, args.device)), flush=True)
         return
     if args.part == "fast":
-        print("RESULT " + json.dumps(run_fast(args.list, args.steps, args.work)), flush=True)
+        print("RESULT " + json.dumps(run_fast(args.list, args.steps, args.work, args.device)), flush=True)
         return
 
     sys.path.insert(0, str(ROOT))
