@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from conftest import Procs, assert_equal_weights, tiny_spec
+from segmodel import checkpoint
 from segmodel.data import epoch_order
+from segmodel.engine import train_range
+from segmodel.layout import JobLayout
 from test_relay_e2e import Cluster
 
 pytestmark = pytest.mark.e2e
@@ -25,10 +28,13 @@ def cluster(procs: Procs, redis_url: str) -> Cluster:
 
 
 def test_bad_data_fails_with_the_file_then_resumes_after_the_fix(cluster: Cluster, tiny_data: dict[str, Path],
-                                                                tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+                                                                tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_data["train"].parent, data)
-    spec = tiny_spec({"train": data / "train.txt", "val": data / "val.txt"})
+    # The seed engine reads samples as it goes, so chunk 0 commits before the bad file is met.
+    spec = tiny_spec({"train": data / "train.txt", "val": data / "val.txt"}, engine="seed")
+    train_range(spec, tmp_path / "ref", 0, 12, cache_dir=tmp_path / "cache")
+    reference = checkpoint.load(JobLayout(tmp_path / "ref").weight(3))
     # The sample that step 3 (chunk 1) reads first: chunk 0 commits, chunk 1 meets the bad file.
     victim_line = int(epoch_order(16, spec.seed, 0)[12]) + 1
     image = data / (data / "train.txt").read_text().splitlines()[victim_line - 1].split()[0]
@@ -36,7 +42,12 @@ def test_bad_data_fails_with_the_file_then_resumes_after_the_fix(cluster: Cluste
     image.write_bytes(good[: len(good) // 3])  # truncated JPEG
 
     bad = cluster.submit(spec)
+    early = cluster.submit(spec.model_copy(update={"engine": "fast"}))
     healthy = cluster.submit(tiny_spec(tiny_data))
+    # The fast engine prepares the whole dataset before its first step: it fails in chunk 0.
+    job = cluster.wait_state(early, ("failed", "succeeded"))
+    assert job["state"] == "failed" and "chunk 0" in job["reason"] and f"train.txt:{victim_line}" in job["reason"]
+    assert job["progress"]["step"] == 0
     job = cluster.wait_state(bad, ("failed", "succeeded"))
     assert job["state"] == "failed"
     assert "chunk 1" in job["reason"] and image.name in job["reason"] and f"train.txt:{victim_line}" in job["reason"]

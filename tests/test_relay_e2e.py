@@ -43,7 +43,7 @@ class Cluster:
     def submit(self, spec: Any, *extra: str) -> str:
         args = ["submit", "--train", spec.train, "--val", spec.val, "--epochs", str(spec.epochs), "--seed", str(spec.seed),
                 "--batch-size", str(spec.batch_size), "--height", str(spec.height), "--width", str(spec.width),
-                "--no-pretrained", "--json", *extra]
+                "--engine", spec.engine, "--no-pretrained", "--json", *extra]
         if spec.chunk_steps:
             args += ["--chunk-steps", str(spec.chunk_steps)]
         out = json.loads(self.procs.relay(*args).stdout)

@@ -25,6 +25,7 @@ def _train(spec_dict: dict, job_dir: Path, chunk: int, attempt: int = 1, worker:
     trainer = TrainerProcess()
     try:
         return trainer.run({"op": "train", "spec": spec_dict, "job_dir": str(job_dir), "chunk": chunk,
+                            "cache_dir": str(job_dir.parent / "cache"),
                             "attempt": attempt, "worker": worker}, tick=lambda: True)
     finally:
         trainer.kill()
