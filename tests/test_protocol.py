@@ -167,3 +167,25 @@ def test_cancel_stops_a_running_chunk(rig: Any, monkeypatch: pytest.MonkeyPatch)
     assert tasks.handle_train(rt, job_id, 0) == "stopped: job cancelled"
     assert rt.leases.holder(job_id) is None
     assert control.store.state(job_id).chunk == 0
+
+
+class _Exploit:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "step3.pt"
+    # Even with a matching checksum (an attacker can write both files), loading runs no code.
+    checkpoint.save({"model": _Exploit(marker)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="does not load"):
+        checkpoint.load(path)
+    assert not marker.exists()
