@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_short_chaos_profile(redis_url: str) -> None:  # redis_url: skip/fail like every broker test
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--trials", "3", "--seed", "0", "--faults", "4"],
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--trials", "10", "--seed", "0", "--faults", "3"],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
