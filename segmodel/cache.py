@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import PIL
@@ -186,15 +186,18 @@ class DataCache:
         return torch.from_numpy(self.labels[list(indices)])
 
 
-def _open_data(folder: Path, key: str, built_s: float = 0.0) -> DataCache | None:
+def _open_arrays(folder: Path, key: str, names: tuple[str, ...]) -> list[np.ndarray] | None:
+    """The cache's arrays, memory-mapped, if its metadata has this key and they are complete."""
     meta = _read_meta(folder, key)
     if meta is None:
         return None
-    images = np.load(folder / "images.npy", mmap_mode="r")
-    labels = np.load(folder / "labels.npy", mmap_mode="r")
-    if images.shape[0] != meta["n"] or labels.shape[0] != meta["n"]:
-        return None
-    return DataCache(folder, key, images, labels, built_s)
+    arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in names]
+    return arrays if all(a.shape[0] == meta["n"] for a in arrays) else None
+
+
+def _open_data(folder: Path, key: str, built_s: float = 0.0) -> DataCache | None:
+    arrays = _open_arrays(folder, key, ("images", "labels"))
+    return DataCache(folder, key, *arrays, built_s) if arrays is not None else None
 
 
 def data_cache(
@@ -214,14 +217,8 @@ def data_cache(
     """
     samples = read_list(list_file) if isinstance(list_file, (str, Path)) else list(list_file)
     key = data_key(samples, height, width, num_classes, content_hash=content_hash)
-    parent = Path(root) / "data"
-    final = parent / key
-    found = _open_data(final, key)
-    if found is not None:
-        return found
-    t0 = time.perf_counter()
-    tmp = _tmp_dir(parent, key)
-    try:
+
+    def build(tmp: Path) -> dict[str, Any]:
         n = len(samples)
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
         labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, height, width))
@@ -242,16 +239,32 @@ def data_cache(
             pool.shutdown(wait=True, cancel_futures=True)
         images.flush()
         labels.flush()
-        del images, labels
-        meta = {"key": key, "format": DATA_FORMAT, "n": n, "height": height, "width": width, "num_classes": num_classes,
-                "samples": [[str(s.image), str(s.annotation)] for s in samples], "built": time.time(),
-                "seconds": time.perf_counter() - t0}
+        return {"format": DATA_FORMAT, "n": n, "height": height, "width": width, "num_classes": num_classes,
+                "samples": [[str(s.image), str(s.annotation)] for s in samples]}
+
+    return _open_or_build(Path(root) / "data", key, _open_data, build)
+
+
+C = TypeVar("C")
+
+
+def _open_or_build(parent: Path, key: str, open_: Callable[[Path, str, float], C | None], build: Callable[[Path], dict[str, Any]]) -> C:
+    """Open the cache `key`, or build it in a temporary folder and publish it whole (rename)."""
+    final = parent / key
+    found = open_(final, key, 0.0)
+    if found is not None:
+        return found
+    t0 = time.perf_counter()
+    tmp = _tmp_dir(parent, key)
+    try:
+        meta = build(tmp)
+        meta.update(key=key, built=time.time(), seconds=time.perf_counter() - t0)
         (tmp / "meta.json").write_text(json.dumps(meta))
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    opened = _open_data(final, key, time.perf_counter() - t0)
+    opened = open_(final, key, time.perf_counter() - t0)
     assert opened is not None
     return opened
 
@@ -282,13 +295,8 @@ class FeatureCache:
 
 
 def _open_features(folder: Path, key: str, built_s: float = 0.0) -> FeatureCache | None:
-    meta = _read_meta(folder, key)
-    if meta is None:
-        return None
-    feats = np.load(folder / "features.npy", mmap_mode="r")
-    if feats.shape[0] != meta["n"]:
-        return None
-    return FeatureCache(folder, key, feats, built_s)
+    arrays = _open_arrays(folder, key, ("features",))
+    return FeatureCache(folder, key, *arrays, built_s) if arrays is not None else None
 
 
 @torch.no_grad()
@@ -305,14 +313,8 @@ def feature_cache(
     if not cacheable_backbone(backbone):
         raise ValueError("the backbone is trainable or has layers with state or randomness: its features cannot be cached")
     key = feature_key(data.key, state_dict_digest(backbone), device.type)
-    parent = Path(root) / "features"
-    final = parent / key
-    found = _open_features(final, key)
-    if found is not None:
-        return found
-    t0 = time.perf_counter()
-    tmp = _tmp_dir(parent, key)
-    try:
+
+    def build(tmp: Path) -> dict[str, Any]:
         n = len(data)
         feats: np.ndarray | None = None
         for b0 in range(0, n, FEATURE_BATCH):
@@ -326,16 +328,7 @@ def feature_cache(
                 progress("features", b0 + len(idx), n)
         assert feats is not None
         feats.flush()
-        shape = list(feats.shape)
-        del feats
-        meta = {"key": key, "format": FEATURE_FORMAT, "n": n, "shape": shape, "data": data.key, "device": device.type,
-                "threads": torch.get_num_threads(), "torch": torch.__version__, "built": time.time(),
-                "seconds": time.perf_counter() - t0}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    opened = _open_features(final, key, time.perf_counter() - t0)
-    assert opened is not None
-    return opened
+        return {"format": FEATURE_FORMAT, "n": n, "shape": list(feats.shape), "data": data.key, "device": device.type,
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+    return _open_or_build(Path(root) / "features", key, _open_features, build)
