@@ -64,11 +64,11 @@ def train_steps_fast(
 
     def step_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
         if feats is not None:
-            z = model.classifier(feats.batch(indices).to(device, non_blocking=True))
+            z = model.conv_to101(feats.batch(indices).to(device, non_blocking=True))
             y = data.label_batch(indices)
         else:
             x, y = data.batch(indices)
-            z = model.classifier(model.features(x.to(device, non_blocking=True)))
+            z = model.conv_to101(model.features(x.to(device, non_blocking=True)))
         return upsample_cross_entropy(z, y.to(device, non_blocking=True), size), len(indices)
 
     return _run_steps(layout, plan, model, optimizer, device, start, end, batches, step_loss, on_step, env)

@@ -1,7 +1,9 @@
 """SegmentationNN: the seed's model, exactly (frozen AlexNet features, 1x1 conv, bilinear upsample)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -10,6 +12,28 @@ from torchvision.models import AlexNet_Weights, alexnet
 
 from segmodel.errors import PretrainedWeightsUnavailable
 from segmodel.spec import TrainSpec
+
+
+# Relay's files before it took the seed's names called the 1x1 conv `classifier`. The one mapping
+# from those names to the seed's: one way, since every file Relay writes uses the seed's names.
+LEGACY_NAMES = {"classifier.": "conv_to101."}
+
+
+def seed_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """`state_dict` with legacy `classifier.*` keys renamed `conv_to101.*` (other keys as they are).
+
+    A key is renamed only where the seed's name is absent, so a file holding both keeps both and a
+    strict load reports the stray one. Optimizer states need no mapping: they index parameters by
+    position, and the 1x1 conv's parameters kept theirs.
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key
+        for old, seed in LEGACY_NAMES.items():
+            if key.startswith(old) and seed + key[len(old):] not in state_dict:
+                new = seed + key[len(old):]
+        out[new] = value
+    return out
 
 
 def _alexnet_features(pretrained: bool, pretrained_path: str | None) -> nn.Sequential:
@@ -44,7 +68,8 @@ def _alexnet_features(pretrained: bool, pretrained_path: str | None) -> nn.Seque
 
 
 class SegmentationNN(pl.LightningModule):
-    """The seed's network. Parameter names are the seed's, so its own code loads our weights."""
+    """The seed's network. Parameter names are the seed's (`features`, `conv_to101`, `upsample`), so
+    its own class loads Relay's weight files strictly, and Relay loads its files strictly."""
 
     def __init__(
         self,
@@ -63,12 +88,17 @@ class SegmentationNN(pl.LightningModule):
         if freeze_backbone:
             for p in self.features.parameters():
                 p.requires_grad_(False)
-        self.classifier = nn.Conv2d(256, num_classes, kernel_size=1)
+        self.conv_to101 = nn.Conv2d(256, num_classes, kernel_size=1)
         self.upsample = nn.Upsample(size=(height, width), mode="bilinear", align_corners=True)
         self.loss_fn = nn.CrossEntropyLoss(ignore_index=0, reduction="mean")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.upsample(self.classifier(self.features(x)))
+        return self.upsample(self.conv_to101(self.features(x)))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As nn.Module's, after mapping legacy names (`seed_names`): every load of weights or of a
+        full-state checkpoint's model goes through here."""
+        return super().load_state_dict(seed_names(state_dict), strict=strict, assign=assign)
 
     def compute_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self(images), targets)

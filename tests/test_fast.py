@@ -289,7 +289,7 @@ def test_unfrozen_backbone_gradients_match(spec: TrainSpec, cache_root: Path) ->
     x, y = caches.data_cache(spec.train, 96, 128, 101, cache_root).batch([3, 1, 4, 1])
     grads = []
     for loss_of in (lambda: model.compute_loss(x, y),
-                    lambda: fastloss.upsample_cross_entropy(model.classifier(model.features(x)), y, (96, 128))):
+                    lambda: fastloss.upsample_cross_entropy(model.conv_to101(model.features(x)), y, (96, 128))):
         model.zero_grad()
         loss_of().backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})

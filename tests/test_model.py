@@ -43,7 +43,7 @@ def test_build_model_from_spec_matches_seed_counts() -> None:
     assert model.hparams.num_classes == 101
     # seed parameter names: its own code loads our state dicts
     names = set(model.state_dict())
-    assert {"features.0.weight", "features.10.bias", "classifier.weight", "classifier.bias"} <= names
+    assert {"features.0.weight", "features.10.bias", "conv_to101.weight", "conv_to101.bias"} <= names
     assert len(names) == 12
 
 

@@ -118,7 +118,7 @@ def test_final_state_is_identical_three_ways(uninterrupted, per_process, small_c
     ref = states["uninterrupted"]
     assert ref["step"] == TOTAL
     opt_state = ref["optimizer"]["state"]
-    assert len(opt_state) == 2  # classifier weight and bias: the backbone is frozen
+    assert len(opt_state) == 2  # conv_to101 weight and bias: the backbone is frozen
     for v in opt_state.values():
         assert {"exp_avg", "exp_avg_sq", "step"} <= v.keys()
         assert float(v["step"]) == TOTAL
@@ -129,10 +129,10 @@ def test_final_state_is_identical_three_ways(uninterrupted, per_process, small_c
             assert torch.equal(st["model"][k], ref["model"][k]), f"{name}: model {k}"
         _assert_state_equal(st["optimizer"]["state"], opt_state, f"{name}: optimizer.state")
         _assert_state_equal(st["optimizer"]["param_groups"], ref["optimizer"]["param_groups"], f"{name}: param_groups")
-    # training did something: the classifier moved away from its seeded init
+    # training did something: the 1x1 conv moved away from its seeded init
     torch.manual_seed(11)
     init = SegmentationNN(num_classes=101, height=SIZE, width=SIZE, pretrained=False).state_dict()
-    assert not torch.equal(init["classifier.weight"], ref["model"]["classifier.weight"])
+    assert not torch.equal(init["conv_to101.weight"], ref["model"]["conv_to101.weight"])
     assert torch.equal(init["features.0.weight"], ref["model"]["features.0.weight"])  # frozen
 
 
@@ -155,7 +155,7 @@ def test_epoch_weights_load_with_the_seed_code_and_are_identical(uninterrupted, 
     a = ways["uninterrupted"]
     assert sorted(p.name for p in (a / "weights").glob("*.pt")) == [f"weight{e}.pt" for e in range(1, EPOCHS + 1)]
     w1, w3 = (torch.load(a / "weights" / f"weight{e}.pt") for e in (1, EPOCHS))
-    assert not torch.equal(w1["classifier.weight"], w3["classifier.weight"])
+    assert not torch.equal(w1["conv_to101.weight"], w3["conv_to101.weight"])
 
 
 def test_epoch_weights_match_the_checkpoint_at_epoch_end(small_chunks) -> None:  # type: ignore[no-untyped-def]
