@@ -150,3 +150,40 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p = Procs(tmp_path, env)
     yield p
     p.stop_all()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's standalone S3 server on loopback: the real protocol over HTTP, conditional PUTs included."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, 60, "the S3 server (moto) to listen")
+    yield endpoint
+    proc.kill()
+    proc.wait()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "relay-test", "AWS_SECRET_ACCESS_KEY": "relay-test-secret", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty bucket for this test; AWS_* set in this process the way a user sets them."""
+    import boto3
+
+    for k, v in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    name = "relay-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40] + "-" + os.urandom(3).hex()
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
