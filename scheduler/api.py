@@ -7,13 +7,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.control import Control, SpecRejected, TransitionRefused
 from scheduler.jobs import JobNotFound
 from scheduler.web import mount_dashboard
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a lone surrogate sent in a path (valid JSON)
+    is echoed back in its error message instead of failing to encode as UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
@@ -23,8 +34,17 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         if request.url.path != "/healthz":
             require_token(request)
     api = FastAPI(title="Relay", version="0.1.0", description="A job queue for chunked deep-learning training.",
+                  default_response_class=AsciiJSONResponse,
                   dependencies=[Depends(require_read_token)] if settings.api_token_reads else [])
     api.state.control = control
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return AsciiJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
     @api.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

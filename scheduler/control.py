@@ -1,6 +1,8 @@
 """What users can do to jobs: submit, cancel, pause, resume, look. Shared by the API and `relay run`."""
 from __future__ import annotations
 
+import errno
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -8,7 +10,7 @@ from typing import Any
 from scheduler.broker import Broker
 from scheduler.jobs import JobState, JobStatus, JobStore, append_jsonl
 from segmodel import checkpoint
-from segmodel.errors import DataError
+from segmodel.errors import DataError, show_path
 from segmodel.spec import TrainSpec
 from worker.app import make_app
 from worker.lease import make_leases
@@ -29,6 +31,16 @@ class TransitionRefused(ValueError):
     """The job's status does not allow the asked change (e.g. resuming a succeeded job)."""
 
 
+def _absolute(field: str, value: str, base: Path) -> Path:
+    """The path resolved against `base`; a SpecRejected naming the field for one no system call takes."""
+    if "\x00" in value:
+        raise SpecRejected(field, f"{show_path(value)!r} contains a NUL byte")
+    try:
+        return (base / value).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long for the system
+        raise SpecRejected(field, f"{show_path(value)}: cannot resolve the path ({exc.__class__.__name__})") from None
+
+
 class Control:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -38,18 +50,25 @@ class Control:
         self.leases = make_leases(settings.broker_url, settings.storage, settings.lease_ttl_s)
 
     def _check_paths(self, spec: TrainSpec) -> TrainSpec:
-        """Absolute list-file paths under the allowed data roots; the files must parse."""
+        """Absolute list-file paths under the allowed data roots (the files are parsed on create);
+        a local pretrained weights file must be a regular file."""
         update = {}
+        roots = [r.resolve() for r in self.settings.data_roots]
         for field in ("train", "val"):
-            path = Path(getattr(spec, field))
-            if not path.is_absolute():
-                base = self.settings.data_roots[0] if self.settings.data_roots else Path.cwd()
-                path = base / path
-            path = path.resolve()
-            roots = [r.resolve() for r in self.settings.data_roots]
+            path = _absolute(field, getattr(spec, field), self.settings.data_roots[0] if roots else Path.cwd())
             if roots and not any(path.is_relative_to(r) for r in roots):
-                raise SpecRejected(field, f"{path} is outside the allowed data roots ({', '.join(map(str, roots))})")
+                raise SpecRejected(field, f"{show_path(path)} is outside the allowed data roots ({', '.join(map(str, roots))})")
             update[field] = str(path)
+        if spec.pretrained and spec.pretrained_path:
+            path = _absolute("pretrained_path", spec.pretrained_path, Path.cwd())
+            try:
+                regular = stat.S_ISREG(path.stat().st_mode)
+            except OSError as exc:
+                why = "does not exist" if exc.errno in (errno.ENOENT, errno.ENOTDIR) else f"cannot be opened ({exc.strerror})"
+                raise SpecRejected("pretrained_path", f"{show_path(path)} {why}") from None
+            if not regular:
+                raise SpecRejected("pretrained_path", f"{show_path(path)} is not a regular file")
+            update["pretrained_path"] = str(path)
         return spec.model_copy(update=update)
 
     def submit(self, spec: TrainSpec) -> tuple[str, JobState]:
@@ -57,7 +76,7 @@ class Control:
         try:
             job_id, _ = self.store.create(spec)
         except DataError as exc:
-            field = "val" if exc.list_file is not None and str(exc.list_file) == spec.val else "train"
+            field = "train" if exc.list_file is not None and str(exc.list_file) == spec.train else "val"
             raise SpecRejected(field, str(exc)) from exc
         return job_id, self.broker.dispatch(self.store, job_id, "submitted")
 

@@ -1,6 +1,8 @@
 """The seed's data format: a list file of image/annotation pairs, the R channel holding class ids."""
 from __future__ import annotations
 
+import errno
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +35,33 @@ def _ade_annotation_for(image: Path) -> Path:
     return Path(*parts).with_suffix(".png")
 
 
+def _list_text(list_file: Path) -> str:
+    """The list file's text, or a DataError saying why it cannot be one (never blocks on a FIFO)."""
+    try:
+        mode = list_file.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError("list file does not exist", list_file=list_file) from None
+    except ValueError:
+        raise DataError("list file path contains a NUL byte", list_file=list_file) from None
+    except OSError as exc:
+        why = "path too long" if exc.errno == errno.ENAMETOOLONG else exc.strerror
+        raise DataError(f"cannot open the list file ({why})", list_file=list_file) from None
+    if stat.S_ISDIR(mode):
+        raise DataError("list file is a folder, not a file", list_file=list_file)
+    if not stat.S_ISREG(mode):
+        raise DataError("list file is not a regular file (a FIFO, socket or device)", list_file=list_file)
+    try:
+        return list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"list file is not UTF-8 text ({exc.reason} at byte {exc.start})", list_file=list_file) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read the list file ({exc.strerror or exc})", list_file=list_file) from exc
+
+
 def read_list(list_file: Path | str) -> list[Sample]:
     """Parse a list file; paths are relative to it. Raises DataError naming file and line."""
     list_file = Path(list_file)
-    if not list_file.is_file():
-        raise DataError("list file does not exist", list_file=list_file)
-    try:
-        text = list_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"list file is not UTF-8 text ({exc.reason} at byte {exc.start})", list_file=list_file) from exc
+    text = _list_text(list_file)
     root = list_file.parent
     samples: list[Sample] = []
     for n, raw in enumerate(text.splitlines(), start=1):

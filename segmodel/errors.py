@@ -3,6 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_SHOWN_PATH = 160
+
+
+def show_path(path: Path | str) -> str:
+    """A path for a message: whole when short, else its start and end around its length."""
+    text = str(path)
+    if len(text) <= MAX_SHOWN_PATH:
+        return text
+    return f"{text[:100]}…({len(text):,} characters)…{text[-40:]}"
+
 
 class RelayError(Exception):
     """Base of every error Relay raises deliberately (as opposed to bugs)."""
@@ -25,9 +35,9 @@ class DataError(RelayError):
         self.path = path
         where = ""
         if list_file is not None:
-            where = f"{list_file}:{line}: " if line is not None else f"{list_file}: "
+            where = f"{show_path(list_file)}:{line}: " if line is not None else f"{show_path(list_file)}: "
         if path is not None:
-            where += f"{path}: "
+            where += f"{show_path(path)}: "
         super().__init__(where + problem)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -156,15 +157,82 @@ def test_fuzzed_submissions_never_5xx(client: TestClient, body: dict[str, Any]) 
 
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(job_id=st.text(min_size=1, max_size=80),
-       verb=st.sampled_from(["", "/weights", "/report", "/metrics", "/cancel", "/pause", "/resume"]),
-       epoch=st.one_of(st.none(), st.integers(-5, 10**12), st.text(max_size=5)))
+       verb=st.sampled_from(["", "/weights", "/report", "/metrics", "/predictions.png", "/cancel", "/pause", "/resume"]),
+       epoch=st.one_of(st.none(), st.integers(-5, 10**12), st.integers(-2**70, 2**70), st.text(max_size=5)))
 def test_fuzzed_job_routes_never_5xx(client: TestClient, job_id: str, verb: str, epoch: Any) -> None:
     method = client.post if verb in ("/cancel", "/pause", "/resume") else client.get
-    params = {"epoch": epoch} if epoch is not None and verb == "/weights" else None
+    name = {"/weights": "epoch", "/metrics": "since_step"}.get(verb)
+    params = {name: epoch} if epoch is not None and name else None
     r = method(f"/api/jobs/{quote(job_id, safe='')}{verb}", params=params)
     assert r.status_code < 500, (job_id, verb, r.text)
+
+
+SPECIAL_PATHS = ["/proc/self/mem", "/proc/self/environ", "/dev/zero", "/dev/stdin", "/", "/etc", "~", "", ".", "..",
+                 "/tmp/" + "a" * 300, "/tmp/" + "a/" * 3000, "a" * 256, "\udcff", "//", "/etc/passwd"]
+paths = st.sampled_from(SPECIAL_PATHS) | st.text(max_size=300)
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(train=paths, val=paths, pretrained_path=st.none() | paths)
+def test_fuzzed_paths_never_5xx(open_client: TestClient, storage: Path, train: str, val: str, pretrained_path: str | None) -> None:
+    body = {"train": train, "val": val, "pretrained": True, "pretrained_path": pretrained_path}
+    # json.dumps escapes lone surrogates, as a client in another language may send them
+    r = open_client.post("/api/jobs", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 422, (body, r.status_code, r.text[:300])
+    assert not (storage / "jobs").exists() or not any((storage / "jobs").iterdir())
 
 
 def test_openapi_is_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/api/jobs" in spec["paths"] and "/api/queue" in spec["paths"]
+
+
+@pytest.fixture
+def open_client(storage: Path) -> TestClient:
+    """No data roots: any path may be named, so the path checks themselves must hold."""
+    return TestClient(make_api(Settings(storage=storage)))
+
+
+def _bad_path_cases(tmp_path: Path) -> list[tuple[str, str, str]]:
+    """(path, words the message must hold, what it is) for every kind of bad list-file path."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("images/caf\xe9.jpg\n".encode("latin-1"))
+    return [
+        ("/tmp/" + "a" * 5000, "too long", "a 5,000-character path"),
+        ("/proc/self/mem", "cannot read", "a file that fails to read"),
+        (str(folder), "folder", "a folder"),
+        (str(fifo), "not a regular file", "a FIFO"),
+        (str(latin1), "UTF-8", "a non-UTF-8 file"),
+        (str(tmp_path / "missing.txt"), "does not exist", "a missing file"),
+        ("/tmp/nul\x00byte.txt", "NUL", "a NUL byte"),
+    ]
+
+
+@pytest.mark.parametrize("field", ["train", "val"])
+def test_bad_paths_get_422_naming_field_and_value(open_client: TestClient, storage: Path, tiny_data: dict[str, Path],
+                                                  tmp_path: Path, field: str) -> None:
+    before = tree_digest(storage)
+    for path, words, what in _bad_path_cases(tmp_path):
+        r = open_client.post("/api/jobs", json=good(tiny_data, **{field: path}))
+        assert r.status_code == 422, (what, r.status_code, r.text[:300])
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", field], (what, detail)
+        assert words in detail["msg"], (what, detail["msg"][:300])
+        assert path[:40].replace("\x00", "") in detail["msg"] or path[:5] in detail["msg"], (what, detail["msg"][:300])
+        assert len(detail["msg"]) < 600, (what, len(detail["msg"]))  # a 5,000-character path is shortened
+    assert tree_digest(storage) == before
+
+
+def test_bad_pretrained_path_gets_422(open_client: TestClient, storage: Path, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    before = tree_digest(storage)
+    for path, _, what in _bad_path_cases(tmp_path):
+        if what in ("a file that fails to read", "a non-UTF-8 file"):
+            continue  # a weights file is read by the worker: only its kind is checked on submit
+        r = open_client.post("/api/jobs", json=good(tiny_data, pretrained=True, pretrained_path=path))
+        assert r.status_code == 422, (what, r.status_code, r.text[:300])
+        assert r.json()["detail"][0]["loc"] == ["body", "pretrained_path"], (what, r.text[:300])
+    assert tree_digest(storage) == before
