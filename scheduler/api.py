@@ -3,28 +3,22 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scheduler.bodylimit import BodyLimit
 from scheduler.control import Control, SpecRejected, TransitionRefused
 from scheduler.jobs import JobNotFound
+from scheduler.responses import AsciiJSONResponse
 from scheduler.web import mount_dashboard
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
-
-
-class AsciiJSONResponse(JSONResponse):
-    """JSON with every non-ASCII character escaped: a lone surrogate sent in a path (valid JSON)
-    is echoed back in its error message instead of failing to encode as UTF-8."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
@@ -46,13 +40,7 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
         return AsciiJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
-    @api.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """A job spec is a few hundred bytes: refuse huge bodies before reading them."""
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > settings.max_request_bytes):
-            return JSONResponse({"detail": f"request body over {settings.max_request_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    api.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
 
     def require_token(request: Request) -> None:
         """Changes need the bearer token when one is configured; compared in constant time."""
