@@ -2,13 +2,19 @@
 #
 #   docker build -t relay:cpu .                                # CPU-only PyTorch (the default)
 #   docker build --build-arg TORCH_VARIANT=cu126 -t relay:cu126 .   # CUDA 12.6 PyTorch
+#   docker build --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t relay:pypi .  # PyPI's torch (CUDA, 6 GB)
 #
 # TORCH_VARIANT names a PyTorch wheel index (https://download.pytorch.org/whl/<variant>): cpu, cu126, ...
+# TORCH_INDEX_URL replaces that index (a mirror, PyPI); BASE_IMAGE replaces python:3.11-slim (a
+# mirror of it): both stages use it, as the environment's interpreter comes from it.
+
+ARG BASE_IMAGE=python:3.11-slim
 
 # ---- build: a virtual environment with torch, the project and Flower ----------------------------
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
 
 ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
@@ -17,7 +23,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 # several GB of CUDA libraries that a CPU worker never uses. The project's own pin (torch==2.14.1)
 # is then already satisfied by the local build (2.14.1+cpu), so `pip install .` keeps it.
 RUN python -m venv /opt/venv \
- && pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
+ && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /src
@@ -29,7 +35,7 @@ COPY scheduler ./scheduler
 RUN pip install --no-cache-dir . flower==2.2.0
 
 # ---- runtime: the environment, a non-root user, nothing else ------------------------------------
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

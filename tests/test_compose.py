@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -184,6 +185,9 @@ def test_workers_scale_and_shut_down_warm() -> None:
         assert any(v.startswith("storage:/storage") for v in worker["volumes"])
         assert any(v.split(":")[1:] == ["/data", "ro"] for v in worker["volumes"])
     assert services["worker"]["command"][-2:] == ["--queues", "cpu"]
+    for name in ("worker", "gpu-worker"):
+        test = services[name]["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL" and "inspect ping" in test[1] and "relay@$${HOSTNAME}" in test[1]
 
 
 def test_gpu_worker_is_optional_and_reserves_nvidia_gpus() -> None:
@@ -201,11 +205,16 @@ def test_gpu_worker_is_optional_and_reserves_nvidia_gpus() -> None:
 def test_scheduler_and_flower() -> None:
     services = load_compose()["services"]
     scheduler, flower = services["scheduler"], services["flower"]
-    assert "8000:8000" in scheduler["ports"]
+    env = read_env_file(ENV_EXAMPLE)
+    # Published on the loopback unless .env opens them; the host ports are settings too.
+    assert [interpolate(m, {}) for m in scheduler["ports"]] == ["127.0.0.1:8000:8000"]
+    assert [interpolate(m, {}) for m in flower["ports"]] == ["127.0.0.1:5555:5555"]
+    assert env["RELAY_PUBLISH_ADDRESS"] == "127.0.0.1"
+    opened = {**env, "RELAY_PUBLISH_ADDRESS": "0.0.0.0", "RELAY_API_PORT": "8080"}
+    assert [interpolate(m, opened) for m in scheduler["ports"]] == ["0.0.0.0:8080:8000"]
     assert "RELAY_API_TOKEN" in scheduler["environment"]
     assert scheduler["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/healthz" in " ".join(scheduler["healthcheck"]["test"])
-    assert "5555:5555" in flower["ports"]
     assert any(arg.startswith("--basic-auth=") for arg in flower["command"])
     # Flower reads FLOWER_<OPTION> variables and fails on unknown ones: keep its own out of its env.
     assert not any(k.startswith("FLOWER_") for k in flower["environment"])
@@ -240,16 +249,31 @@ def test_dockerfile_lints_clean() -> None:
 
 def test_dockerfile_essentials() -> None:
     instructions = _dockerfile_instructions()
-    froms = [args.split()[0] for word, args in instructions if word == "FROM"]
-    assert froms and all(f.startswith("python:3.11") and ":latest" not in f for f in froms)
-    assert "TORCH_VARIANT=cpu" in [args for word, args in instructions if word == "ARG"]
-    run = " ".join(args for word, args in instructions if word == "RUN")
-    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in run and "torch==2.14.1" in run and "torchvision==0.29.1" in run
+    args = dict(a.split("=", 1) for word, a in instructions if word == "ARG" and "=" in a)
+    # The base image and the torch index are build arguments whose defaults are what users get.
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
+    froms = [a.split()[0] for word, a in instructions if word == "FROM"]
+    assert froms == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    assert args["TORCH_VARIANT"] == "cpu"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+    run = " ".join(a for word, a in instructions if word == "RUN")
+    assert '--index-url "${TORCH_INDEX_URL}"' in run and "torch==2.14.1" in run and "torchvision==0.29.1" in run
     users = [args for word, args in instructions if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
     assert "--uid 10001" in run and "chown relay:relay /storage" in run
     ignored = {line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")}
-    assert {".venv", ".git", "relay-storage", "relay-data", ".env", "**/__pycache__"} <= ignored
+    assert {".venv", ".git", "relay-storage", "relay-data", ".env", "**/__pycache__", "data", "weights", "**/*.pt"} <= ignored
+
+
+def test_gitignore_keeps_secrets_and_data_out() -> None:
+    """What the README has users create in the checkout stays out of `git add -A`."""
+    made = [".env", "data/syn/train.txt", "weights/weight20.pt", "weight20.pt"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    if result.returncode == 128:
+        _skip_or_fail(f"not a git checkout: {result.stderr.strip()}")
+    assert result.stdout.split() == made
+    kept = ["tests/data/compose-spec.json", ".env.example"]
+    assert subprocess.run(["git", "check-ignore", "--no-index", *kept], cwd=ROOT, capture_output=True, timeout=30).returncode == 1
 
 
 # ---- the compose services as local processes --------------------------------------------------
@@ -439,6 +463,9 @@ def test_compose_services_train_a_job(local_compose: LocalCompose, tiny_data: di
 
     listed = wait_for(lambda: len(w := flower_workers()) == 2 and w, 60, "two workers in Flower's /api/workers")
     assert listed == {f"relay@{n}" for n in nodes}
+    # The workers' healthcheck: this host's workers answer the ping; no worker runs on "elsewhere".
+    assert stack.healthy("worker", {"HOSTNAME": socket.gethostname()}), "the worker healthcheck fails on live workers"
+    assert not stack.healthy("worker", {"HOSTNAME": "elsewhere"}), "the worker healthcheck passes with no worker"
 
     # Two chunks of 6 steps (the second crosses an epoch boundary); any chunking ends at the reference.
     spec = tiny_spec(tiny_data, chunk_steps=6)
