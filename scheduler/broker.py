@@ -10,10 +10,10 @@ import secrets
 import time
 from pathlib import Path
 
-import redis
 from celery import Celery
 
 from scheduler.jobs import JobState, JobStore
+from worker import redis_url
 from worker.app import EVAL_TASK, TRAIN_TASK, broker_folders
 from worker.settings import Settings
 
@@ -35,7 +35,7 @@ class Broker:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self._redis = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if not settings.embedded else None
+        self._redis = redis_url.client(settings.broker_url, socket_timeout=5) if settings.broker_url else None
 
     def send(self, job_id: str, state: JobState, queue: str) -> str:
         """Send the task that moves the job on from where storage says it stands."""

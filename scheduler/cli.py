@@ -28,6 +28,17 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _check_broker(settings: Settings) -> None:
+    """Bad broker settings stop the start with the setting named, instead of Celery retrying forever."""
+    from worker import redis_url
+
+    if settings.broker_url:
+        try:
+            redis_url.check(settings.broker_url)
+        except redis_url.BrokerConfigError as exc:
+            _fail(str(exc), EXIT_UNREACHABLE)
+
+
 def _api_code(exc: ApiError) -> int:
     return {0: EXIT_UNREACHABLE, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_BAD_INPUT if 400 <= exc.status < 500 else EXIT_FAILED)
 
@@ -228,6 +239,7 @@ def worker(queues: str, name: str | None, loglevel: str) -> None:
     from worker.app import make_app
 
     settings = Settings()
+    _check_broker(settings)
     argv = ["worker", "-Q", ",".join(queue_list), "-n", f"relay@{node}", "-c", "1", "-P", "prefork", f"--loglevel={loglevel}"]
     if settings.embedded:
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
@@ -246,6 +258,7 @@ def scheduler(host: str | None, port: int | None) -> None:
     from scheduler.reconciler import Reconciler
 
     settings = Settings()
+    _check_broker(settings)
     control = Control(settings)
     app = make_api(settings, control)
     reconciler = Reconciler(control.store, control.broker, control.leases, settings.reconcile_interval_s, settings.reconcile_grace_s)

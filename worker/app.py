@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from worker.redis_url import RedisTarget
 from worker.settings import Settings
 
 TRAIN_TASK = "relay.train_chunk"
@@ -26,7 +27,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         # Polling every 0.1 s keeps the hand-off between chunks well under a second.
         app.conf.broker_transport_options = {**broker_folders(settings), "store_processed": False, "polling_interval": 0.1}
     else:
-        app.conf.broker_url = settings.broker_url
+        target = RedisTarget.parse(settings.broker_url)
+        app.conf.broker_url = target.url
+        # rediss://: kombu takes the ssl module's constants, not the URL's spelling (and Flower needs this).
+        app.conf.broker_use_ssl = target.kombu_ssl()
         # Redis redelivers any unacked message older than this, running or not: keep it above the
         # longest chunk. Liveness comes from the per-job lease, not from this timeout.
         app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout_s}

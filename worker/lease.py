@@ -15,9 +15,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-import redis
-
 from segmodel.checkpoint import atomic_write_bytes
+from worker import redis_url
 
 T = TypeVar("T")
 Record = dict[str, Any] | None
@@ -41,7 +40,7 @@ _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del
 
 class RedisLeases:
     def __init__(self, url: str, ttl_s: float) -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10)
+        self.client = redis_url.client(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10)
         self.ttl_ms = int(ttl_s * 1000)
 
     @staticmethod
