@@ -6,18 +6,22 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
+from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.bodylimit import BodyLimit
 from scheduler.control import Control, SpecRejected, TransitionRefused
+from scheduler.health import BrokerDown
 from scheduler.jobs import JobNotFound
 from scheduler.responses import AsciiJSONResponse
 from scheduler.web import mount_dashboard
 from segmodel.spec import TrainSpec
+from segmodel.storage import StorageError
 from worker.settings import Settings
 
 
@@ -35,6 +39,19 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    async def broker_down(request: Request, exc: Exception) -> Response:
+        why = str(exc) if isinstance(exc, BrokerDown) else f"{control.guard.where} unreachable ({exc.__class__.__name__}: {exc})"
+        return AsciiJSONResponse({"detail": why}, status_code=503)
+
+    async def storage_down(request: Request, exc: Exception) -> Response:
+        return AsciiJSONResponse({"detail": f"storage {settings.storage} unusable ({exc.__class__.__name__}: {exc})"},
+                                 status_code=503)
+
+    for error in (BrokerDown, redis.RedisError, OperationalError):
+        api.add_exception_handler(error, broker_down)
+    for error in (OSError, StorageError):
+        api.add_exception_handler(error, storage_down)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -61,8 +78,10 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
             raise HTTPException(409, str(exc)) from exc
 
     @api.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {"ok": True, "storage": str(settings.storage), "broker": "embedded" if settings.embedded else "redis"}
+    def healthz() -> Response:
+        """Broker and storage each checked; 200 when both work, 503 ("degraded") when either fails."""
+        report = control.health()
+        return AsciiJSONResponse(report, status_code=200 if report["ok"] else 503)
 
     @api.post("/api/jobs", status_code=201, dependencies=[Depends(require_token)])
     def submit(spec: TrainSpec) -> dict[str, Any]:

@@ -35,7 +35,8 @@ class Broker:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self._redis = redis_url.client(settings.broker_url, socket_timeout=5) if settings.broker_url else None
+        self._redis = (redis_url.client(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+                       if settings.broker_url else None)
 
     def send(self, job_id: str, state: JobState, queue: str) -> str:
         """Send the task that moves the job on from where storage says it stands."""
@@ -62,6 +63,13 @@ class Broker:
         if go:
             self.send(job_id, state, spec.queue)
         return state
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be used now."""
+        if self._redis is not None:
+            self._redis.ping()
+        else:
+            broker_folders(self.settings)
 
     def _messages(self) -> list[tuple[str, dict]]:
         """(queue, message) for every message waiting (not yet delivered) in the broker."""

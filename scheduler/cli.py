@@ -1,5 +1,4 @@
-"""The `relay` command line. Exit codes: 0 ok, 1 job failed or cancelled, 2 bad input, 3 not found,
-4 API unreachable."""
+"""The `relay` command line. Exit codes: see EXIT_CODES."""
 from __future__ import annotations
 
 import json
@@ -20,7 +19,16 @@ from segmodel.errors import RelayError
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 1, 2, 3, 4
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_INFRA = 1, 2, 3, 4, 5
+EXIT_CODES = """Exit codes:
+
+\b
+  0  ok
+  1  the job failed or was cancelled (watch, run)
+  2  bad input (a spec, a list file, a refused change)
+  3  no such job
+  4  unreachable: nothing answered at RELAY_API_URL (or, for scheduler and worker, RELAY_BROKER_URL at start)
+  5  infrastructure trouble: the API answered 5xx (broker or storage down, or an internal error)"""
 
 
 def _fail(message: str, code: int) -> None:
@@ -40,7 +48,9 @@ def _check_broker(settings: Settings) -> None:
 
 
 def _api_code(exc: ApiError) -> int:
-    return {0: EXIT_UNREACHABLE, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_BAD_INPUT if 400 <= exc.status < 500 else EXIT_FAILED)
+    if exc.status >= 500:
+        return EXIT_INFRA
+    return {0: EXIT_UNREACHABLE, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_BAD_INPUT)
 
 
 def _client() -> Client:
@@ -93,7 +103,7 @@ def _spec(kw: dict[str, Any]) -> TrainSpec:
         raise
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 def main() -> None:
     """Relay: chunked training on a job queue. Submit a job; any worker trains its next chunk."""
 

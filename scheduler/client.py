@@ -33,6 +33,8 @@ class Client:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise ApiError(0, f"cannot reach the Relay API at {self.http.base_url} ({exc}); is `relay scheduler` running? (RELAY_API_URL)") from exc
+        if response.status_code >= 500:
+            raise ApiError(response.status_code, f"the Relay API failed (HTTP {response.status_code}): {_message(response)}")
         if response.status_code >= 400:
             raise ApiError(response.status_code, _message(response))
         return response.json()

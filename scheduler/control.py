@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scheduler.broker import Broker
+from scheduler.broker import QUEUES, Broker
+from scheduler.health import BrokerDown, BrokerGuard, health
 from scheduler.jobs import JobState, JobStatus, JobStore, append_jsonl
 from segmodel import checkpoint
 from segmodel.errors import DataError, show_path
@@ -46,7 +47,14 @@ class Control:
         self.settings = settings
         self.store = JobStore(settings.storage)
         self.app = make_app(settings)
+        if not settings.embedded:
+            # A hung broker must fail a publish within seconds (the job is on storage already and
+            # the reconciler sends it later), not hold the request until the broker returns.
+            self.app.conf.broker_transport_options = {**self.app.conf.broker_transport_options,
+                                                      "socket_timeout": 5, "socket_connect_timeout": 5}
+            self.app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0.5, "interval_step": 0.5}
         self.broker = Broker(self.app, settings)
+        self.guard = BrokerGuard(settings)
         self.leases = make_leases(settings.broker_url, settings.storage, settings.lease_ttl_s)
 
     def _check_paths(self, spec: TrainSpec) -> TrainSpec:
@@ -78,7 +86,16 @@ class Control:
         except DataError as exc:
             field = "train" if exc.list_file is not None and str(exc.list_file) == spec.train else "val"
             raise SpecRejected(field, str(exc)) from exc
-        return job_id, self.broker.dispatch(self.store, job_id, "submitted")
+        return job_id, self._dispatch(job_id, "submitted")
+
+    def _dispatch(self, job_id: str, why: str) -> JobState:
+        """Send the job's next task. With the broker down the job stays as storage has it (queued or
+        running) and says so; the reconciler sends the task once the broker answers."""
+        try:
+            return self.guard.call(lambda: self.broker.dispatch(self.store, job_id, why))
+        except BrokerDown as exc:
+            note = f"not enqueued: {exc}; the reconciler enqueues it when the broker answers"
+            return self.store.update(job_id, lambda s: s.note(note))[0]
 
     def cancel(self, job_id: str) -> JobState:
         def stop(s: JobState) -> None:
@@ -111,13 +128,14 @@ class Control:
             s.set_status(JobStatus.running if s.history else JobStatus.queued, f"resumed by user at chunk {s.chunk}")
 
         self.store.update(job_id, go)
-        return self.broker.dispatch(self.store, job_id, "resumed")
+        return self._dispatch(job_id, "resumed")
 
     def view(self, job_id: str) -> dict[str, Any]:
         spec, state = self.store.spec(job_id), self.store.state(job_id)
         done = [h for h in state.history if h.seconds > 0]
         per_step = sum(h.seconds for h in done) / max(sum(h.end_step - h.start_step for h in done), 1) if done else None
         eta = per_step * (state.total_steps - state.step) if per_step is not None and state.status.active else None
+        worker, broker_error = self.guard.ask(lambda: self.leases.holder(job_id)) if state.status.active else (None, None)
         return {
             "id": job_id,
             "state": state.status.value,
@@ -127,7 +145,8 @@ class Control:
                          "fraction": state.step / state.total_steps},
             "last_loss": state.last_loss,
             "eta_s": eta,
-            "worker": self.leases.holder(job_id) if state.status.active else None,
+            "worker": worker,
+            "broker_error": broker_error,
             "reason": state.reason,
             "last_error": state.last_error,
             "attempts": state.attempts,
@@ -139,4 +158,10 @@ class Control:
         }
 
     def queue(self) -> dict[str, Any]:
-        return {"queues": self.broker.depths(), "workers": online(self.settings.storage), "at": time.time()}
+        """Queue depths from the broker (None each, with the reason, while it is down); workers from storage."""
+        depths, broker_error = self.guard.ask(self.broker.depths)
+        return {"queues": depths if depths is not None else dict.fromkeys(QUEUES), "broker_error": broker_error,
+                "workers": online(self.settings.storage), "at": time.time()}
+
+    def health(self) -> dict[str, Any]:
+        return health(self.settings, self.broker.ping)

@@ -27,8 +27,10 @@ def _progress(job: dict[str, Any]) -> str:
 
 
 def print_status(queue: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
-    depths = "  ".join(f"{q}: {n} waiting" for q, n in queue["queues"].items())
+    depths = "  ".join(f"{q}: {'unknown' if n is None else n} waiting" for q, n in queue["queues"].items())
     console.print(f"[bold]queues[/]  {depths}")
+    if queue.get("broker_error"):
+        console.print(f"[yellow]queue depths and lease holders unknown:[/] {queue['broker_error']}")
     workers = Table("worker", "queues", "doing", "since", title=f"{len(queue['workers'])} workers online", title_justify="left")
     for w in queue["workers"]:
         doing = f"{w['job']} chunk {w['chunk']}" if w.get("job") else "idle"
@@ -44,8 +46,11 @@ def print_status(queue: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
 
 def print_job(job: dict[str, Any]) -> None:
     console.print(f"[bold]{job['id']}[/]  {job['state']}  {_progress(job)}")
+    worker = "unknown" if job.get("broker_error") else job["worker"] or "-"
     if job["last_loss"] is not None:
-        console.print(f"last loss {job['last_loss']:.4f}   eta {_eta(job['eta_s'])}   worker {job['worker'] or '-'}")
+        console.print(f"last loss {job['last_loss']:.4f}   eta {_eta(job['eta_s'])}   worker {worker}")
+    if job.get("broker_error"):
+        console.print(f"[yellow]worker unknown:[/] {job['broker_error']}")
     if job["reason"]:
         console.print(f"[red]reason:[/] {job['reason']}")
     table = Table("chunk", "steps", "worker", "attempt", "seconds", "loss", "img/s", "device", title="chunks", title_justify="left")

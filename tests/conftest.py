@@ -70,31 +70,55 @@ def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[k], b[k]), f"tensor {k} differs"
 
 
+class RedisServer:
+    """A private redis-server on a fixed port (no persistence) that a test may stop, pause and restart."""
+
+    def __init__(self, exe: str, folder: Path) -> None:
+        self.exe, self.folder, self.port = exe, folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.folder)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(port=self.port)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(up, 10, "redis-server to answer")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
 @pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    """A private redis-server on a free port (no persistence), killed after the test."""
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     exe = shutil.which("redis-server")
     if exe is None:
         if IN_CI:
             pytest.fail("redis-server is not installed, and CI must run the broker tests")
         pytest.skip("redis-server not installed: broker tests skipped (install redis-server to run them)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
+    server = RedisServer(exe, tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None:
+        server.proc.send_signal(signal.SIGCONT)
+    server.stop()
 
-    client = redis.Redis(port=port)
 
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_for(up, 10, "redis-server to answer")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.kill()
-    proc.wait()
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 class Procs:

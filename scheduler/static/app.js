@@ -311,8 +311,9 @@
       queues.replaceChildren(...Object.entries(queue.queues).map(([name, depth]) =>
         h("div", { class: "queue", dataset: { queue: name } },
           h("span", { class: "queue-name" }, name),
-          h("span", { class: "queue-depth" }, String(depth)),
-          h("span", { class: "muted" }, depth === 1 ? "message waiting" : "messages waiting"))));
+          h("span", { class: "queue-depth" }, depth === null ? "unknown" : String(depth)),
+          h("span", { class: "muted" }, depth === 1 ? "message waiting" : "messages waiting"))),
+        ...(queue.broker_error ? [h("p", { class: "warn", id: "broker-error" }, queue.broker_error)] : []));
 
       workersTitle.textContent = `Workers (${queue.workers.length} online)`;
       if (!queue.workers.length) {
