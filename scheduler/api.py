@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 import redis
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
@@ -17,12 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from scheduler.bodylimit import BodyLimit
 from scheduler.control import Control, SpecRejected, TransitionRefused
 from scheduler.health import BrokerDown
-from scheduler.jobs import JobNotFound
+from scheduler.jobs import IdempotencyConflict, JobNotFound
 from scheduler.responses import AsciiJSONResponse
 from scheduler.web import mount_dashboard
 from segmodel.spec import TrainSpec
 from segmodel.storage import StorageError
 from worker.settings import Settings
+
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
@@ -83,13 +87,21 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         report = control.health()
         return AsciiJSONResponse(report, status_code=200 if report["ok"] else 503)
 
-    @api.post("/api/jobs", status_code=201, dependencies=[Depends(require_token)])
-    def submit(spec: TrainSpec) -> dict[str, Any]:
+    @api.post("/api/jobs", status_code=201, dependencies=[Depends(require_token)],
+              responses={200: {"description": "the job this Idempotency-Key already made"}})
+    def submit(spec: TrainSpec, idempotency_key: str | None = Header(
+            None, description="any unique string (e.g. a UUID), up to 255 printable ASCII characters: a retry "
+                              "with the same key and spec answers with the job the first try made")) -> Response:
+        if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise HTTPException(422, [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
+                                       "msg": "must be 1-255 printable ASCII characters (e.g. a UUID)"}])
         try:
-            job_id, _ = control.submit(spec)
+            job_id, _, created = control.submit_once(spec, idempotency_key)
         except SpecRejected as exc:
             raise HTTPException(422, [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]) from exc
-        return control.view(job_id)
+        except IdempotencyConflict as exc:
+            raise HTTPException(422, [{"loc": ["header", "Idempotency-Key"], "msg": str(exc), "type": "value_error"}]) from exc
+        return AsciiJSONResponse(control.view(job_id), status_code=201 if created else 200)
 
     @api.get("/api/jobs")
     def jobs() -> list[dict[str, Any]]:

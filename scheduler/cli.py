@@ -55,7 +55,8 @@ def _api_code(exc: ApiError) -> int:
 
 def _client() -> Client:
     s = Settings()
-    return Client(s.api_url, s.api_token)
+    return Client(s.api_url, s.api_token, timeout=s.api_timeout_s, retries=s.api_retries,
+                  on_retry=lambda message: click.echo(f"relay: {message}", err=True))
 
 
 def _call(fn: Any, *args: Any) -> Any:
@@ -166,7 +167,8 @@ def data_check(list_file: str, num_classes: int) -> None:
 @spec_options
 @click.option("--json", "as_json", is_flag=True, help="print the job as JSON")
 def submit(as_json: bool, **kw: Any) -> None:
-    """Submit a job; prints its id."""
+    """Submit a job; prints its id. Retried after a timeout or a 5xx (RELAY_API_RETRIES) under one
+    idempotency key, so a retry never makes a second job."""
     job = _call(_client().submit, _spec(kw).model_dump())
     click.echo(json.dumps(job) if as_json else job["id"])
 

@@ -1,6 +1,9 @@
 """The CLI's client for the API at RELAY_API_URL."""
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +27,51 @@ def _message(response: httpx.Response) -> str:
 
 
 class Client:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0, retries: int = 0,
+                 on_retry: Callable[[str], None] | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+        self.retries = retries
+        self.on_retry = on_retry or (lambda message: None)
+
+    def _unreachable(self, exc: httpx.TransportError) -> ApiError:
+        why = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        return ApiError(0, f"cannot reach the Relay API at {self.http.base_url} ({why}); is `relay scheduler` running? (RELAY_API_URL)")
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ApiError(0, f"cannot reach the Relay API at {self.http.base_url} ({exc}); is `relay scheduler` running? (RELAY_API_URL)") from exc
+            raise self._unreachable(exc) from exc
+        return self._answer(response)
+
+    def _answer(self, response: httpx.Response) -> Any:
         if response.status_code >= 500:
             raise ApiError(response.status_code, f"the Relay API failed (HTTP {response.status_code}): {_message(response)}")
         if response.status_code >= 400:
             raise ApiError(response.status_code, _message(response))
         return response.json()
 
-    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/api/jobs", json=spec)
+    def submit(self, spec: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+        """Submit under an idempotency key, retrying after no answer (a timeout, a dropped
+        connection) or a 5xx: the API answers a retry with the job the first try made, if it did."""
+        headers = {"Idempotency-Key": key or str(uuid.uuid4())}
+        attempt = 0
+        while True:
+            try:
+                response = self.http.post("/api/jobs", json=spec, headers=headers)
+            except httpx.TransportError as exc:
+                if attempt >= self.retries:
+                    raise self._unreachable(exc) from exc
+                why = f"no answer from the API ({exc.__class__.__name__})"
+            else:
+                if response.status_code < 500 or attempt >= self.retries:
+                    return self._answer(response)
+                why = f"the API answered {response.status_code}"
+            attempt += 1
+            self.on_retry(f"{why}; retrying with the same idempotency key {headers['Idempotency-Key']} "
+                          f"(try {attempt + 1} of {self.retries + 1})")
+            time.sleep(min(2.0 ** (attempt - 1), 10.0))
 
     def jobs(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/jobs")

@@ -80,13 +80,24 @@ class Control:
         return spec.model_copy(update=update)
 
     def submit(self, spec: TrainSpec) -> tuple[str, JobState]:
+        job_id, state, _ = self.submit_once(spec, None)
+        return job_id, state
+
+    def submit_once(self, spec: TrainSpec, idempotency_key: str | None) -> tuple[str, JobState, bool]:
+        """Create and enqueue a job: (id, state, whether it was made now). A key already used with
+        the same spec answers with the job it made, and sends nothing."""
         spec = self._check_paths(spec)
         try:
-            job_id, _ = self.store.create(spec)
+            if idempotency_key is None:
+                job_id, created = self.store.create(spec)[0], True
+            else:
+                job_id, created = self.store.create_once(spec, idempotency_key)
         except DataError as exc:
             field = "train" if exc.list_file is not None and str(exc.list_file) == spec.train else "val"
             raise SpecRejected(field, str(exc)) from exc
-        return job_id, self._dispatch(job_id, "submitted")
+        if not created:
+            return job_id, self.store.state(job_id), False
+        return job_id, self._dispatch(job_id, "submitted"), True
 
     def _dispatch(self, job_id: str, why: str) -> JobState:
         """Send the job's next task. With the broker down the job stays as storage has it (queued or

@@ -7,6 +7,7 @@ reader never sees a partial file.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -108,6 +109,10 @@ class JobState(BaseModel):
         self.events.append(Event(at=time.time(), what=what))
 
 
+class IdempotencyConflict(ValueError):
+    """An idempotency key already made a job from another spec (or made one that is gone)."""
+
+
 class JobNotFound(KeyError):
     def __str__(self) -> str:
         return f"no job {self.args[0]!r}"
@@ -151,6 +156,46 @@ class JobStore:
         atomic_write_bytes(tmp_layout.state_file, state.model_dump_json(indent=1).encode())
         os.rename(tmp, final)
         return job_id, state
+
+    def create_once(self, spec: TrainSpec, key: str) -> tuple[str, bool]:
+        """The job this idempotency key made, or a new one: (job id, whether it was made now).
+
+        A key's record is written before its job and marked done after, under a lock per key: a
+        retried or concurrent submit finds the job instead of making another, a create cut short
+        is finished by the next try, and a failed one (bad data) leaves no record behind."""
+        folder = self.storage / "idempotency"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(key.encode()).hexdigest()
+        record_file = folder / f"{name}.json"
+        wanted = spec.model_dump()
+        with open(folder / f"{name}.lock", "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                if record_file.is_file():
+                    record = json.loads(record_file.read_text())
+                    job_id = record["job"]
+                    if record["spec"] != wanted:
+                        changed = ", ".join(f"{k}: {wanted.get(k)!r} here, {record['spec'].get(k)!r} there"
+                                            for k in sorted(set(wanted) | set(record["spec"]))
+                                            if wanted.get(k) != record["spec"].get(k))
+                        raise IdempotencyConflict(f"Idempotency-Key {key!r} already made job {job_id} from another spec ({changed})")
+                    if self.exists(job_id):
+                        return job_id, False
+                    if record["done"]:
+                        raise IdempotencyConflict(f"Idempotency-Key {key!r} made job {job_id}, which no longer exists")
+                else:
+                    job_id = new_job_id()
+                    record = {"key": key, "job": job_id, "spec": wanted, "at": time.time(), "done": False}
+                    atomic_write_bytes(record_file, json.dumps(record).encode())
+                try:
+                    self.create(spec, job_id)
+                except BaseException:
+                    record_file.unlink(missing_ok=True)
+                    raise
+                atomic_write_bytes(record_file, json.dumps({**record, "done": True}).encode())
+                return job_id, True
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def spec(self, job_id: str) -> TrainSpec:
         path = self.layout(job_id).spec_file

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -236,3 +237,76 @@ def test_bad_pretrained_path_gets_422(open_client: TestClient, storage: Path, ti
         assert r.status_code == 422, (what, r.status_code, r.text[:300])
         assert r.json()["detail"][0]["loc"] == ["body", "pretrained_path"], (what, r.text[:300])
     assert tree_digest(storage) == before
+
+
+def _job_dirs(storage: Path) -> list[str]:
+    jobs = storage / "jobs"
+    return sorted(p.name for p in jobs.iterdir() if not p.name.startswith(".")) if jobs.is_dir() else []
+
+
+def test_idempotency_key_makes_one_job_and_survives_a_restart(storage: Path, tiny_data: dict[str, Path]) -> None:
+    settings = Settings(storage=storage, data_roots=[tiny_data["train"].parent])
+    first = TestClient(make_api(settings))
+    key = {"Idempotency-Key": "4b0c1c3e-submit-1"}
+    made = first.post("/api/jobs", json=good(tiny_data), headers=key)
+    assert made.status_code == 201, made.text
+    again = first.post("/api/jobs", json=good(tiny_data), headers=key)
+    assert again.status_code == 200 and again.json()["id"] == made.json()["id"]
+    restarted = TestClient(make_api(settings))  # a new scheduler on the same storage
+    replay = restarted.post("/api/jobs", json=good(tiny_data), headers=key)
+    assert replay.status_code == 200 and replay.json()["id"] == made.json()["id"]
+    assert _job_dirs(storage) == [made.json()["id"]]
+
+    other = restarted.post("/api/jobs", json=good(tiny_data, epochs=3), headers=key)
+    assert other.status_code == 422, other.text
+    detail = other.json()["detail"][0]
+    assert detail["loc"] == ["header", "Idempotency-Key"], detail
+    assert made.json()["id"] in detail["msg"] and "epochs" in detail["msg"] and "4b0c1c3e-submit-1" in detail["msg"]
+    assert _job_dirs(storage) == [made.json()["id"]]
+
+    fresh = restarted.post("/api/jobs", json=good(tiny_data), headers={"Idempotency-Key": "another"})
+    assert fresh.status_code == 201 and fresh.json()["id"] != made.json()["id"]
+    assert restarted.post("/api/jobs", json=good(tiny_data)).status_code == 201  # no key: a new job every time
+    assert len(_job_dirs(storage)) == 3
+
+
+def test_bad_idempotency_keys_get_422(client: TestClient, storage: Path, tiny_data: dict[str, Path]) -> None:
+    before = tree_digest(storage)
+    for key in ("", "k" * 256, "tab\there", "caf\u00e9"):
+        r = client.post("/api/jobs", json=good(tiny_data), headers={"Idempotency-Key": key.encode("utf-8")})
+        assert r.status_code == 422, (key, r.text)
+        assert r.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+    assert tree_digest(storage) == before
+
+
+def test_a_failed_submit_keeps_no_key(client: TestClient, storage: Path, tiny_data: dict[str, Path]) -> None:
+    key = {"Idempotency-Key": "retry-after-fixing-the-file"}
+    root = tiny_data["train"].parent
+    later = root / "later.txt"
+    r = client.post("/api/jobs", json=good(tiny_data, train=str(later)), headers=key)
+    assert r.status_code == 422 and "does not exist" in r.text
+    later.write_text(tiny_data["train"].read_text().replace("images/", str(root / "images") + "/").replace(
+        "annotations/", str(root / "annotations") + "/"))
+    try:
+        r = client.post("/api/jobs", json=good(tiny_data, train=str(later)), headers=key)
+        assert r.status_code == 201, r.text
+    finally:
+        later.unlink()
+
+
+def test_concurrent_submits_with_one_key_make_one_job(storage: Path, tiny_data: dict[str, Path]) -> None:
+    settings = Settings(storage=storage, data_roots=[tiny_data["train"].parent])
+    clients = [TestClient(make_api(settings)) for _ in range(6)]
+    results: list[Any] = [None] * len(clients)
+
+    def post(i: int) -> None:
+        results[i] = clients[i].post("/api/jobs", json=good(tiny_data), headers={"Idempotency-Key": "same"})
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in results) == [200] * 5 + [201]
+    assert len({r.json()["id"] for r in results}) == 1
+    assert len(_job_dirs(storage)) == 1

@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     api_token: str | None = Field(None, description="bearer token the API requires for changes")
     api_token_reads: bool = Field(False, description="require the token for reads too")
+    api_timeout_s: float = Field(30.0, gt=0, description="the CLI's wait for one API answer")
+    api_retries: int = Field(
+        4, ge=0, le=100, description="`relay submit` retries after no answer or a 5xx, with the same idempotency key"
+    )
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
