@@ -51,7 +51,7 @@ from torch import nn
 from segmodel.data import Sample, load_sample, read_list, to_tensors
 from segmodel.errors import DataError
 
-DATA_FORMAT = 1  # bump when load_sample's output for the same file could change
+DATA_FORMAT = 2  # bump when load_sample's output for the same file could change
 FEATURE_FORMAT = 1
 FEATURE_BATCH = 16
 

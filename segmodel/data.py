@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,17 @@ def _open(sample: Sample, path: Path) -> Image.Image:
     if not path.is_file():
         raise DataError("file does not exist", list_file=sample.list_file, line=sample.line, path=path)
     try:
-        img = Image.open(path)
+        # PIL raises over twice MAX_IMAGE_PIXELS and only warns between: we refuse both, naming the file.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            raise DataError(f"decompression bomb: {img.width}x{img.height} pixels, over the limit of "
+                            f"{Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS)",
+                            list_file=sample.list_file, line=sample.line, path=path)
         img.load()  # decode now: a truncated file fails here, not later in a worker
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"decompression bomb: {exc}", list_file=sample.list_file, line=sample.line, path=path) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(f"unreadable or truncated image ({exc})", list_file=sample.list_file, line=sample.line, path=path) from exc
     return img
@@ -105,6 +115,8 @@ def load_sample(sample: Sample, height: int, width: int, num_classes: int) -> tu
             f"({sample.image})",
             list_file=sample.list_file, line=sample.line, path=sample.annotation,
         )
+    if ann.mode in ("P", "PA"):  # palette indices: the class id is the R of each index's colour
+        ann = ann.convert("RGB")
     labels = np.asarray(ann)
     if labels.ndim == 3:  # RGB(A): the class id is the R channel
         labels = labels[..., 0]

@@ -318,3 +318,61 @@ def test_generate_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
     differing = [k for k in a if a[k] != c[k]]
     assert len(differing) >= 6 * 2  # every image and annotation
     assert check_dataset(tmp_path / "a" / "train.txt", num_classes=11) == (6, [])
+
+
+# --- palette annotations and decompression bombs ------------------------------------------------
+
+
+@pytest.mark.parametrize("transparency", [False, True])
+def test_palette_annotation_reads_the_palette_colours_r_channel(tmp_path: Path, transparency: bool) -> None:
+    """A 'P' PNG stores palette indices; the class is the R of the colour each index stands for."""
+    h, w = 32, 40
+    indices = np.random.default_rng(5).integers(0, 4, size=(h, w), dtype=np.uint8)
+    colours = [(0, 0, 0), (7, 200, 10), (3, 1, 250), (42, 42, 42)]  # index i -> class colours[i][0]
+    ann = Image.fromarray(indices, mode="P")
+    ann.putpalette([c for rgb in colours for c in rgb] + [255, 255, 255] * (256 - len(colours)))
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    Image.fromarray(_rgb(h, w)).save(tmp_path / "img" / "a.jpg")
+    ann.save(tmp_path / "ann" / "a.png", **({"transparency": 0} if transparency else {}))
+    assert Image.open(tmp_path / "ann" / "a.png").mode == "P"
+    (s,) = read_list(_list(tmp_path, ["img/a.jpg ann/a.png"]))
+    _, lab = load_sample(s, h, w, 101)
+    expected = np.array([c[0] for c in colours], dtype=np.uint8)[indices]
+    assert np.array_equal(lab, expected)
+
+
+def _bomb(path: Path, side: int) -> None:
+    """A PNG of side x side pixels: a few hundred KB on disk, gigabytes once decoded."""
+    Image.new("1", (side, side)).save(path)
+
+
+@pytest.mark.parametrize("side,what", [(14_000, "error"), (10_000, "warning")])
+def test_decompression_bombs_are_data_errors_naming_the_file(tmp_path: Path, side: int, what: str) -> None:
+    """Over Image.MAX_IMAGE_PIXELS PIL warns, over twice that it raises: both refused, per file."""
+    assert side * side > Image.MAX_IMAGE_PIXELS * (2 if what == "error" else 1)
+    good = _pair(tmp_path, "good")
+    _pair(tmp_path, "victim")
+    _bomb(tmp_path / "img" / "victim.jpg", side)
+    lf = _list(tmp_path, [" ".join(good), "img/victim.jpg ann/victim.png", " ".join(good)])
+    with pytest.raises(DataError) as info:
+        _load_only(lf)
+    _assert_names(info.value, lf, 2, tmp_path / "img" / "victim.jpg", "decompression bomb")
+    count, errors = check_dataset(lf)
+    assert count == 3 and len(errors) == 1 and errors[0].line == 2
+
+
+def test_data_check_reports_bombs_without_a_traceback(tmp_path: Path) -> None:
+    _pair(tmp_path, "a")
+    _pair(tmp_path, "b")
+    _bomb(tmp_path / "img" / "a.jpg", 14_000)
+    _bomb(tmp_path / "ann" / "b.png", 10_000)
+    lf = _list(tmp_path, ["img/a.jpg ann/a.png", "img/b.jpg ann/b.png"])
+    r = subprocess.run([sys.executable, "-m", "scheduler.cli", "data", "check", str(lf)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, r.stderr
+    assert f"{lf}:1: {tmp_path / 'img' / 'a.jpg'}:" in lines[0] and "decompression bomb" in lines[0]
+    assert f"{lf}:2: {tmp_path / 'ann' / 'b.png'}:" in lines[1] and "decompression bomb" in lines[1]
+    assert "2 samples checked, 2 bad" in r.stdout
