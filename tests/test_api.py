@@ -310,3 +310,27 @@ def test_concurrent_submits_with_one_key_make_one_job(storage: Path, tiny_data: 
     assert sorted(r.status_code for r in results) == [200] * 5 + [201]
     assert len({r.json()["id"] for r in results}) == 1
     assert len(_job_dirs(storage)) == 1
+
+
+@hsettings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.text(max_size=300).filter(lambda k: all(0x20 <= ord(c) < 0x7f for c in k)) | st.binary(max_size=300))
+def test_fuzzed_idempotency_keys_never_5xx(client: TestClient, tiny_data: dict[str, Path], key: str | bytes) -> None:
+    raw = key if isinstance(key, bytes) else key.encode()
+    if any(b in raw for b in b"\r\n\x00"):
+        return  # not a header value any HTTP client sends
+    r = client.post("/api/jobs", json=good(tiny_data), headers={"Idempotency-Key": raw})
+    assert r.status_code in (200, 201, 422), (key, r.status_code, r.text[:300])
+
+
+def test_unusable_storage_gets_503_naming_it(tmp_path: Path, tiny_data: dict[str, Path]) -> None:
+    """Storage that cannot be written (here: its root is a file) is infrastructure trouble, not a 500."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    c = TestClient(make_api(Settings(storage=blocker / "storage", broker_url="redis://127.0.0.1:1/0")))  # nothing listens
+    r = c.post("/api/jobs", json=good(tiny_data))
+    assert r.status_code == 503 and "storage" in r.json()["detail"] and str(blocker) in r.json()["detail"], r.text
+    health = c.get("/healthz")
+    assert health.status_code == 503, health.text
+    body = health.json()
+    assert body["status"] == "degraded" and body["storage"]["ok"] is False and body["broker"]["ok"] is False
+    assert c.get("/api/jobs").status_code == 200
