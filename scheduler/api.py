@@ -16,9 +16,9 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.bodylimit import BodyLimit
-from scheduler.control import Control, SpecRejected, TransitionRefused
+from scheduler.control import AmbiguousJob, Control, SpecRejected, TransitionRefused
 from scheduler.health import BrokerDown
-from scheduler.jobs import IdempotencyConflict, JobNotFound
+from scheduler.jobs import IdempotencyConflict, JobNotFound, JobStatus
 from scheduler.responses import AsciiJSONResponse
 from scheduler.web import mount_dashboard
 from segmodel.spec import TrainSpec
@@ -80,6 +80,12 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
             raise HTTPException(404, str(exc)) from exc
         except TransitionRefused as exc:
             raise HTTPException(409, str(exc)) from exc
+        except AmbiguousJob as exc:
+            raise HTTPException(400, str(exc)) from exc
+
+    def resolved(ref: str) -> str:
+        """Every route takes an id, a name, `last`/`-` or a unique id prefix."""
+        return found(lambda: control.resolve(ref))
 
     @api.get("/healthz")
     def healthz() -> Response:
@@ -104,55 +110,72 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         return AsciiJSONResponse(control.view(job_id), status_code=201 if created else 200)
 
     @api.get("/api/jobs")
-    def jobs() -> list[dict[str, Any]]:
+    def jobs(response: Response, state: list[JobStatus] = Query([], description="only jobs in these states"),
+             limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> list[dict[str, Any]]:
+        """Jobs, newest first, `limit` from `offset`; the header X-Total-Count counts all that match."""
         out = []
-        for job_id in control.store.ids():
+        for job_id in reversed(control.store.ids()):
             try:
-                out.append(control.view(job_id))
+                view = control.view(job_id)
             except JobNotFound:
-                continue
-        return out
+                continue  # removed while we looked
+            if not state or view["state"] in state:
+                out.append(view)
+        out.sort(key=lambda j: -j["created_at"])
+        response.headers["X-Total-Count"] = str(len(out))
+        return out[offset:offset + limit]
 
     @api.get("/api/jobs/{job_id}")
     def job(job_id: str) -> dict[str, Any]:
-        return found(lambda: control.view(job_id))
+        return found(lambda: control.view(resolved(job_id)))
 
     @api.post("/api/jobs/{job_id}/cancel", dependencies=[Depends(require_token)])
     def cancel(job_id: str) -> dict[str, Any]:
+        job_id = resolved(job_id)
         found(lambda: control.cancel(job_id))
         return control.view(job_id)
 
     @api.post("/api/jobs/{job_id}/pause", dependencies=[Depends(require_token)])
     def pause(job_id: str) -> dict[str, Any]:
+        job_id = resolved(job_id)
         found(lambda: control.pause(job_id))
         return control.view(job_id)
 
     @api.post("/api/jobs/{job_id}/resume", dependencies=[Depends(require_token)])
     def resume(job_id: str) -> dict[str, Any]:
+        job_id = resolved(job_id)
         found(lambda: control.resume(job_id))
         return control.view(job_id)
 
     @api.get("/api/jobs/{job_id}/weights")
     def weights(job_id: str, epoch: int | None = Query(None, ge=1)) -> FileResponse:
+        """404: no such job; 422: an epoch the job will never have; 409: not trained yet."""
+        job_id = resolved(job_id)
         spec = found(lambda: control.store.spec(job_id))
         state = control.store.state(job_id)
         layout = control.store.layout(job_id)
+        if epoch is not None and epoch > spec.epochs:
+            raise HTTPException(422, f"job {job_id} has {spec.epochs} epochs: there will never be weights for epoch {epoch}")
         e = epoch if epoch is not None else min(spec.epochs, state.step // state.steps_per_epoch)
         path = layout.weight(e)
         if e < 1 or not path.is_file():
-            raise HTTPException(404, f"job {job_id} has no weights for epoch {e} yet")
+            raise HTTPException(409, f"job {job_id} has no weights for epoch {max(e, 1)} yet "
+                                     f"({state.status.value}, at epoch {state.epoch:.2f} of {spec.epochs})")
         return FileResponse(path, media_type="application/octet-stream", filename=f"weight{e}.pt")
 
     @api.get("/api/jobs/{job_id}/report")
     def report(job_id: str) -> dict[str, Any]:
+        """404: no such job; 409: no evaluation yet."""
+        job_id = resolved(job_id)
         layout = found(lambda: control.store.layout(job_id))
-        found(lambda: control.store.state(job_id))
+        state = found(lambda: control.store.state(job_id))
         if not layout.report_file.is_file():
-            raise HTTPException(404, f"job {job_id} has no evaluation yet")
+            raise HTTPException(409, f"job {job_id} has no evaluation yet ({state.status.value})")
         return {**json.loads(layout.report_file.read_text()), "predictions_url": f"/api/jobs/{job_id}/predictions.png"}
 
     @api.get("/api/jobs/{job_id}/predictions.png")
     def predictions(job_id: str) -> FileResponse:
+        job_id = resolved(job_id)
         layout = found(lambda: control.store.layout(job_id))
         if not layout.predictions_file.is_file():
             raise HTTPException(404, f"job {job_id} has no prediction picture yet")
@@ -161,6 +184,7 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
     @api.get("/api/jobs/{job_id}/metrics")
     def metrics(job_id: str, since_step: int = Query(0, ge=0)) -> list[dict[str, Any]]:
         """Per-step metrics; a step trained twice (a retried chunk) appears once, the latest."""
+        job_id = resolved(job_id)
         layout = found(lambda: control.store.layout(job_id))
         found(lambda: control.store.state(job_id))
         by_step: dict[int, dict[str, Any]] = {}

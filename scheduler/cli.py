@@ -1,4 +1,7 @@
-"""The `relay` command line. Exit codes: see EXIT_CODES."""
+"""The `relay` command line. Exit codes: see EXIT_CODES.
+
+Wherever a command takes JOB, it accepts the id, the job's name, a unique id prefix, or `last`
+(also `-`) for the newest job."""
 from __future__ import annotations
 
 import json
@@ -15,20 +18,24 @@ from pydantic import ValidationError
 
 from scheduler.client import ApiError, Client
 from scheduler.views import print_job, print_report, print_status, watch_job
+from scheduler.jobs import JobStatus
 from segmodel.errors import RelayError
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_INFRA = 1, 2, 3, 4, 5
+EXIT_NOT_READY, EXIT_PAUSED = 6, 7
 EXIT_CODES = """Exit codes:
 
 \b
   0  ok
   1  the job failed or was cancelled (watch, run)
-  2  bad input (a spec, a list file, a refused change)
+  2  bad input (a spec, a list file, a refused change, an ambiguous JOB, an epoch the job will never have)
   3  no such job
   4  unreachable: nothing answered at RELAY_API_URL (or, for scheduler and worker, RELAY_BROKER_URL at start)
-  5  infrastructure trouble: the API answered 5xx (broker or storage down, or an internal error)"""
+  5  infrastructure trouble: the API answered 5xx (broker or storage down, or an internal error)
+  6  not ready yet: no evaluation yet, or that epoch not trained yet (report, fetch)
+  7  the job is paused (watch, run)"""
 
 
 def _fail(message: str, code: int) -> None:
@@ -47,10 +54,15 @@ def _check_broker(settings: Settings) -> None:
             _fail(str(exc), EXIT_UNREACHABLE)
 
 
-def _api_code(exc: ApiError) -> int:
+def _api_code(exc: ApiError, conflict: int = EXIT_BAD_INPUT) -> int:
+    """`conflict`: what a 409 means here (a refused change, or for downloads, not ready yet)."""
     if exc.status >= 500:
         return EXIT_INFRA
-    return {0: EXIT_UNREACHABLE, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_BAD_INPUT)
+    return {0: EXIT_UNREACHABLE, 404: EXIT_NOT_FOUND, 409: conflict}.get(exc.status, EXIT_BAD_INPUT)
+
+
+def _exit_for(state: str) -> int:
+    return 0 if state == "succeeded" else EXIT_PAUSED if state == "paused" else EXIT_FAILED
 
 
 def _client() -> Client:
@@ -59,16 +71,17 @@ def _client() -> Client:
                   on_retry=lambda message: click.echo(f"relay: {message}", err=True))
 
 
-def _call(fn: Any, *args: Any) -> Any:
+def _call(fn: Any, *args: Any, conflict: int = EXIT_BAD_INPUT) -> Any:
     try:
         return fn(*args)
     except ApiError as exc:
-        _fail(str(exc), _api_code(exc))
+        _fail(str(exc), _api_code(exc, conflict))
 
 
 def spec_options(f: Any) -> Any:
     """The job options shared by `submit` and `run`."""
     options = [
+        click.option("--name", default=None, help="a name to find the job by (unique; starts with a letter)"),
         click.option("--train", "train", required=True, type=click.Path(), help="list file of training samples"),
         click.option("--val", "val", required=True, type=click.Path(), help="list file of validation samples"),
         click.option("--epochs", type=int, default=20, show_default=True),
@@ -105,6 +118,7 @@ def _spec(kw: dict[str, Any]) -> TrainSpec:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.version_option(package_name="relay", prog_name="relay")
 def main() -> None:
     """Relay: chunked training on a job queue. Submit a job; any worker trains its next chunk."""
 
@@ -173,46 +187,57 @@ def submit(as_json: bool, **kw: Any) -> None:
     click.echo(json.dumps(job) if as_json else job["id"])
 
 
-@main.command()
-@click.argument("job_id", required=False)
+JOB_HELP = "JOB: an id, a name, a unique id prefix, or `last`"
+
+
+@main.command(epilog=JOB_HELP)
+@click.argument("job_id", metavar="[JOB]", required=False)
+@click.option("--state", "states", multiple=True, type=click.Choice([s.value for s in JobStatus]),
+              help="only jobs in this state (repeatable)")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="the newest N jobs")
 @click.option("--json", "as_json", is_flag=True)
-def status(job_id: str | None, as_json: bool) -> None:
-    """Queue depths, workers and jobs; or one job in detail."""
+def status(job_id: str | None, states: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """Queue depths, workers and the newest jobs; or one job in detail."""
     client = _client()
     if job_id:
         job = _call(client.job, job_id)
         click.echo(json.dumps(job)) if as_json else print_job(job)
         return
-    queue, jobs = _call(client.queue), _call(client.jobs)
+    queue, (jobs, total) = _call(client.queue), _call(client.jobs, list(states), limit)
     if as_json:
-        click.echo(json.dumps({**queue, "jobs": jobs}))
+        click.echo(json.dumps({**queue, "jobs": jobs, "total_jobs": total}))
     else:
-        print_status(queue, jobs)
+        print_status(queue, jobs, total)
 
 
-@main.command()
-@click.argument("job_id")
+@main.command(epilog=JOB_HELP)
+@click.argument("job_id", metavar="JOB")
 @click.option("--interval", type=float, default=1.0, show_default=True)
-def watch(job_id: str, interval: float) -> None:
-    """A live progress bar with loss and ETA until the job ends."""
+@click.option("--log-every", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="without a terminal: a line per chunk, or at most one per this many seconds")
+def watch(job_id: str, interval: float, log_every: float) -> None:
+    """Follow a job until it ends or pauses: a live progress bar in a terminal, else one line per
+    chunk. Exits 0 succeeded, 1 failed or cancelled, 7 paused."""
     client = _client()
-    job = watch_job(lambda: _call(client.job, job_id), interval)
-    sys.exit(0 if job["state"] == "succeeded" else EXIT_FAILED)
+    job_id = _call(client.job, job_id)["id"]  # `last` or a prefix: follow the job it means now
+    job = watch_job(lambda: _call(client.job, job_id), interval, log_every)
+    sys.exit(_exit_for(job["state"]))
 
 
-@main.command()
-@click.argument("job_id")
+@main.command(epilog=JOB_HELP)
+@click.argument("job_id", metavar="JOB")
 @click.option("-o", "--output", type=click.Path(), default=".", show_default=True, help="file or folder")
 @click.option("--epoch", type=click.IntRange(1), default=None, help="default: the latest epoch")
 def fetch(job_id: str, output: str, epoch: int | None) -> None:
-    """Download a job's weights (weight<E>.pt, a plain state_dict)."""
-    path = _call(_client().download_weights, job_id, output, epoch)
+    """Download a job's weights (weight<E>.pt, a plain state_dict). Exits 6 if that epoch is not
+    trained yet, 2 if the job will never have it."""
+    path = _call(_client().download_weights, job_id, output, epoch, conflict=EXIT_NOT_READY)
     click.echo(str(path))
 
 
 def _action(verb: str) -> None:
-    @main.command(verb, help=f"{verb.capitalize()} a job.")
-    @click.argument("job_id")
+    @main.command(verb, help=f"{verb.capitalize()} a job.", epilog=JOB_HELP)
+    @click.argument("job_id", metavar="JOB")
     @click.option("--json", "as_json", is_flag=True)
     def command(job_id: str, as_json: bool) -> None:
         job = _call(_client().action, job_id, verb)
@@ -223,12 +248,13 @@ for _verb in ("cancel", "pause", "resume"):
     _action(_verb)
 
 
-@main.command()
-@click.argument("job_id")
+@main.command(epilog=JOB_HELP)
+@click.argument("job_id", metavar="JOB")
 @click.option("--json", "as_json", is_flag=True)
 def report(job_id: str, as_json: bool) -> None:
-    """The evaluation: mIoU, pixel accuracy, per-class IoU, the prediction picture."""
-    rep = _call(_client().report, job_id)
+    """The evaluation: mIoU, pixel accuracy, per-class IoU, the prediction picture. Exits 6 if
+    there is none yet."""
+    rep = _call(_client().report, job_id, conflict=EXIT_NOT_READY)
     click.echo(json.dumps(rep)) if as_json else print_report(rep)
 
 
@@ -282,7 +308,9 @@ def scheduler(host: str | None, port: int | None) -> None:
 @main.command()
 @spec_options
 @click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True, help="local worker processes")
-def run(workers: int, **kw: Any) -> None:
+@click.option("--log-every", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="without a terminal: a line per chunk, or at most one per this many seconds")
+def run(workers: int, log_every: float, **kw: Any) -> None:
     """Run a job start to end on the embedded default (no Redis, no Docker): print the evaluation
     and the final weights' path."""
     from scheduler.control import Control, SpecRejected
@@ -310,7 +338,7 @@ def run(workers: int, **kw: Any) -> None:
     reconciler = Reconciler(control.store, control.broker, control.leases, settings.reconcile_interval_s, settings.reconcile_grace_s)
     reconciler.start()
     try:
-        job = watch_job(lambda: control.view(job_id), 0.5)
+        job = watch_job(lambda: control.view(job_id), 0.5, log_every)
     finally:
         reconciler.stop()
         for p in procs:

@@ -73,8 +73,15 @@ class Client:
                           f"(try {attempt + 1} of {self.retries + 1})")
             time.sleep(min(2.0 ** (attempt - 1), 10.0))
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/jobs")
+    def jobs(self, states: list[str] | None = None, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+        """The newest `limit` jobs (in `states`, if given) and how many match in all."""
+        try:
+            response = self.http.get("/api/jobs", params={"state": states or [], "limit": limit})
+        except httpx.TransportError as exc:
+            raise ApiError(0, f"cannot reach the Relay API at {self.http.base_url} ({exc}); is `relay scheduler` running? (RELAY_API_URL)") from exc
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, _message(response))
+        return response.json(), int(response.headers.get("x-total-count", len(response.json())))
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/jobs/{job_id}")

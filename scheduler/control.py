@@ -9,7 +9,7 @@ from typing import Any
 
 from scheduler.broker import QUEUES, Broker
 from scheduler.health import BrokerDown, BrokerGuard, health
-from scheduler.jobs import JobState, JobStatus, JobStore, append_jsonl
+from scheduler.jobs import JobNotFound, JobState, JobStatus, JobStore, append_jsonl
 from segmodel import checkpoint
 from segmodel.errors import DataError, show_path
 from segmodel.spec import TrainSpec
@@ -40,6 +40,17 @@ def _absolute(field: str, value: str, base: Path) -> Path:
         return (base / value).resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long for the system
         raise SpecRejected(field, f"{show_path(value)}: cannot resolve the path ({exc.__class__.__name__})") from None
+
+
+class AmbiguousJob(ValueError):
+    """A reference (an id prefix) that matches several jobs; names them."""
+
+    def __init__(self, ref: str, candidates: list[str]) -> None:
+        super().__init__(f"{ref!r} matches {len(candidates)} jobs: {', '.join(candidates)}; give more of the id")
+        self.candidates = candidates
+
+
+LATEST = ("last", "-")
 
 
 class Control:
@@ -79,6 +90,36 @@ class Control:
             update["pretrained_path"] = str(path)
         return spec.model_copy(update=update)
 
+    def named(self, name: str) -> list[str]:
+        found = []
+        for job_id in self.store.ids():
+            try:
+                if self.store.spec(job_id).name == name:
+                    found.append(job_id)
+            except JobNotFound:
+                continue  # removed while we looked
+        return found
+
+    def resolve(self, ref: str) -> str:
+        """The job a user means: its id, its name, `last`/`-` (the newest), or a unique id prefix.
+        Raises JobNotFound, or AmbiguousJob naming the candidates."""
+        ids = self.store.ids()
+        if ref in ids:
+            return ref
+        if ref in LATEST:
+            if not ids:
+                raise JobNotFound(ref)
+            return max(ids, key=lambda i: (self.store.state(i).created_at, i))
+        named = self.named(ref)
+        if len(named) == 1:
+            return named[0]
+        matches = named or [i for i in ids if i.startswith(ref)]
+        if not matches:
+            raise JobNotFound(ref)
+        if len(matches) > 1:
+            raise AmbiguousJob(ref, matches)
+        return matches[0]
+
     def submit(self, spec: TrainSpec) -> tuple[str, JobState]:
         job_id, state, _ = self.submit_once(spec, None)
         return job_id, state
@@ -87,6 +128,9 @@ class Control:
         """Create and enqueue a job: (id, state, whether it was made now). A key already used with
         the same spec answers with the job it made, and sends nothing."""
         spec = self._check_paths(spec)
+        taken = self.named(spec.name) if spec.name is not None else []
+        if taken and not (idempotency_key is not None and self.store.key_job(idempotency_key) in taken):
+            raise SpecRejected("name", f"{spec.name!r} is already the name of job {taken[0]} (relay rm it, or pick another)")
         try:
             if idempotency_key is None:
                 job_id, created = self.store.create(spec)[0], True

@@ -157,6 +157,14 @@ class JobStore:
         os.rename(tmp, final)
         return job_id, state
 
+    def key_job(self, key: str) -> str | None:
+        """The job an idempotency key made, if any."""
+        record_file = self.storage / "idempotency" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+        try:
+            return json.loads(record_file.read_text())["job"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def create_once(self, spec: TrainSpec, key: str) -> tuple[str, bool]:
         """The job this idempotency key made, or a new one: (job id, whether it was made now).
 

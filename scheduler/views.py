@@ -1,6 +1,7 @@
 """How jobs, queues and reports look in a terminal (rich)."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console = Console(width=200)  # a pipe or a log: rich's 80 columns would cut job ids
 FINAL = {"succeeded", "failed", "cancelled"}
+STOPPED = FINAL | {"paused"}  # watching ends here
 
 
 def _eta(seconds: float | None) -> str:
@@ -26,7 +30,7 @@ def _progress(job: dict[str, Any]) -> str:
     return f"epoch {p['epoch']:.2f}/{p['epochs']}  step {p['step']}/{p['total_steps']}  chunk {p['chunk']}/{p['n_chunks']}"
 
 
-def print_status(queue: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
+def print_status(queue: dict[str, Any], jobs: list[dict[str, Any]], total: int | None = None) -> None:
     depths = "  ".join(f"{q}: {'unknown' if n is None else n} waiting" for q, n in queue["queues"].items())
     console.print(f"[bold]queues[/]  {depths}")
     if queue.get("broker_error"):
@@ -37,15 +41,17 @@ def print_status(queue: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
         since = f"{time.time() - w['since']:.0f} s" if w.get("since") else ""
         workers.add_row(w["node"], ",".join(w["queues"]), doing, since)
     console.print(workers)
-    table = Table("job", "state", "progress", "loss", "eta", "reason", title=f"{len(jobs)} jobs", title_justify="left")
+    shown = f"{len(jobs)} jobs" if total is None or total == len(jobs) else f"newest {len(jobs)} of {total} jobs"
+    table = Table("job", "name", "state", "progress", "loss", "eta", "reason", title=shown, title_justify="left")
     for j in jobs:
         loss = f"{j['last_loss']:.4f}" if j["last_loss"] is not None else "-"
-        table.add_row(j["id"], j["state"], _progress(j), loss, _eta(j["eta_s"]), j["reason"] or j["last_error"] or "")
+        table.add_row(j["id"], j["spec"].get("name") or "", j["state"], _progress(j), loss, _eta(j["eta_s"]), j["reason"] or j["last_error"] or "")
     console.print(table)
 
 
 def print_job(job: dict[str, Any]) -> None:
-    console.print(f"[bold]{job['id']}[/]  {job['state']}  {_progress(job)}")
+    name = f" ({job['spec']['name']})" if job["spec"].get("name") else ""
+    console.print(f"[bold]{job['id']}[/]{name}  {job['state']}  {_progress(job)}")
     worker = "unknown" if job.get("broker_error") else job["worker"] or "-"
     if job["last_loss"] is not None:
         console.print(f"last loss {job['last_loss']:.4f}   eta {_eta(job['eta_s'])}   worker {worker}")
@@ -70,8 +76,61 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(f"predictions: {report['predictions_png']}")
 
 
-def watch_job(fetch: Callable[[], dict[str, Any]], interval: float) -> dict[str, Any]:
-    """Poll a job and show a progress bar with loss and ETA until it ends; returns its last view."""
+def _speed(job: dict[str, Any]) -> str:
+    done = [h for h in job["history"] if h["seconds"] > 0]
+    return f"{done[-1]['images_per_s']:.1f} img/s" if done else "- img/s"
+
+
+def progress_line(job: dict[str, Any]) -> str:
+    """One self-contained, labelled line: what a log file, a pipe or a notebook shows."""
+    p = job["progress"]
+    loss = f"{job['last_loss']:.4f}" if job["last_loss"] is not None else "-"
+    return (f"{_who(job)}: {job['state']}  step {p['step']}/{p['total_steps']} ({100 * p['fraction']:.0f}%)  "
+            f"epoch {p['epoch']:.2f}/{p['epochs']}  chunk {p['chunk']}/{p['n_chunks']}  loss {loss}  "
+            f"speed {_speed(job)}  eta {_eta(job['eta_s'])}")
+
+
+def _who(job: dict[str, Any]) -> str:
+    name = f" ({job['spec']['name']})" if job["spec"].get("name") else ""
+    return f"{time.strftime('%H:%M:%S')} job {job['id']}{name}"
+
+
+def chunk_line(job: dict[str, Any], h: dict[str, Any]) -> str:
+    """The line for one committed chunk."""
+    p = job["progress"]
+    spe = p["total_steps"] / p["epochs"]
+    return (f"{_who(job)}: chunk {h['chunk'] + 1}/{p['n_chunks']} done  step {h['end_step']}/{p['total_steps']} "
+            f"({100 * h['end_step'] / p['total_steps']:.0f}%)  epoch {h['end_step'] / spe:.2f}/{p['epochs']}  "
+            f"loss {h['loss_last']:.4f}  speed {h['images_per_s']:.1f} img/s  eta {_eta(job['eta_s'])}")
+
+
+def _watch_plain(fetch: Callable[[], dict[str, Any]], interval: float, every_s: float) -> dict[str, Any]:
+    """A line per committed chunk (with every_s > 0: at most one line per every_s seconds, for the
+    newest chunk), and one whenever the state changes (queued, running, paused, succeeded, ...)."""
+    seen, shown_state, shown_at = None, None, -float("inf")
+    while True:
+        job = fetch()
+        history = job["history"]
+        if seen is None or len(history) < seen:
+            seen = len(history)  # what was done before we looked is not news
+        now = time.monotonic()
+        if len(history) > seen and now - shown_at >= every_s:
+            for h in history[seen:] if every_s == 0 else history[-1:]:
+                print(chunk_line(job, h), flush=True)
+            seen, shown_at = len(history), now
+        if job["state"] != shown_state:
+            print(progress_line(job), flush=True)
+            shown_state = job["state"]
+        if job["state"] in STOPPED:
+            return job
+        time.sleep(interval)
+
+
+def watch_job(fetch: Callable[[], dict[str, Any]], interval: float, every_s: float = 0.0) -> dict[str, Any]:
+    """Follow a job until it ends or is paused; returns its last view. A terminal gets a live
+    progress bar; anything else (a pipe, a log file, CI) gets plain lines (see _watch_plain)."""
+    if not console.is_terminal:
+        return _watch_plain(fetch, interval, every_s)
     job = fetch()
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
@@ -79,8 +138,8 @@ def watch_job(fetch: Callable[[], dict[str, Any]], interval: float) -> dict[str,
         while True:
             loss = f"loss {job['last_loss']:.4f}" if job["last_loss"] is not None else "loss -"
             bar.update(task, completed=job["progress"]["step"],
-                       info=f"{job['state']}  {_progress(job)}  {loss}  eta {_eta(job['eta_s'])}")
-            if job["state"] in FINAL or job["state"] == "paused":
+                       info=f"{job['state']}  {_progress(job)}  {loss}  {_speed(job)}  eta {_eta(job['eta_s'])}")
+            if job["state"] in STOPPED:
                 return job
             time.sleep(interval)
             job = fetch()

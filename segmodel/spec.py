@@ -12,6 +12,10 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$",
+        description="a name to find the job by (unique among jobs; starts with a letter); does not change training",
+    )
     train: str = Field(description="list file of training samples")
     val: str = Field(description="list file of validation samples")
     epochs: int = Field(20, ge=1, le=10_000)

@@ -188,5 +188,11 @@ def test_relay_run_embedded(procs: Procs, tiny_data: dict[str, Path], reference:
     out = procs.relay("run", "--train", spec.train, "--val", spec.val, "--epochs", "3", "--chunk-steps", "3", "--seed", "7",
                       "--batch-size", "4", "--height", "64", "--width", "64", "--no-pretrained", timeout=300)
     assert "mean IoU" in out.stdout
+    # Not a terminal: one plain, labelled line per committed chunk, with the job id, loss and speed.
+    job_id = out.stdout.split()[1].rstrip(":")
+    for chunk in range(1, 5):
+        line = next(line for line in out.stdout.splitlines() if f"chunk {chunk}/4 done" in line)
+        assert f"job {job_id}: " in line and " loss " in line and " img/s " in line and " eta " in line, line
+    assert f"job {job_id}: succeeded  step 12/12 (100%)" in out.stdout
     weights = Path(next(line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("final weights: ")))
     assert_equal_weights(checkpoint.load(weights), reference)
