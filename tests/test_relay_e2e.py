@@ -132,7 +132,8 @@ def test_pause_resume_cancel_resume(cluster: Cluster, tiny_data: dict[str, Path]
     assert held["state"] == "paused" and held["progress"]["chunk"] < held["progress"]["n_chunks"]
     assert cluster.procs.relay("resume", job_id).returncode == 0
     wait_for(lambda: cluster.get(f"/api/jobs/{job_id}")["progress"]["step"] > held["progress"]["step"], 60, "progress after resume")
-    cluster.procs.relay("cancel", job_id)
+    cancelled = cluster.procs.relay("cancel", job_id, check=False)  # the tiny job may finish first
+    assert cancelled.returncode == 0 or "already succeeded" in cancelled.stderr, cancelled.stderr
     job = cluster.wait_state(job_id, ("cancelled", "succeeded"))
     if job["state"] == "cancelled":
         assert cluster.procs.relay("resume", job_id).returncode == 0
