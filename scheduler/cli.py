@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from scheduler.client import ApiError, Client
 from scheduler.views import print_job, print_report, print_status, watch_job
-from scheduler.jobs import JobStatus
+from scheduler.jobs import JobStatus, JobStore
 from segmodel.errors import RelayError
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
@@ -52,6 +52,23 @@ def _check_broker(settings: Settings) -> None:
             redis_url.check(settings.broker_url)
         except redis_url.BrokerConfigError as exc:
             _fail(str(exc), EXIT_UNREACHABLE)
+
+
+def _where(settings: Settings, queues: list[str]) -> str:
+    """Storage, broker (password hidden) and queues: what a service's start-up line names."""
+    from worker.redis_url import redacted
+
+    broker = redacted(settings.broker_url) if settings.broker_url else f"embedded (files under {settings.storage / 'broker'})"
+    return f"storage {settings.storage}; broker {broker}; queues {','.join(queues)}"
+
+
+def _warn_empty_embedded(settings: Settings) -> None:
+    """An embedded worker only meets jobs submitted to this same storage folder: say so when the
+    folder holds none, the usual sign of a worker started somewhere else without RELAY_STORAGE."""
+    if settings.embedded and not JobStore(settings.storage).ids():
+        click.echo(f"relay: warning: embedded transport (no RELAY_BROKER_URL) and no jobs in {settings.storage}: "
+                   "this worker only sees jobs submitted with this same RELAY_STORAGE; set RELAY_STORAGE "
+                   "(and RELAY_BROKER_URL for Redis) as the scheduler has them", err=True)
 
 
 def _api_code(exc: ApiError, conflict: int = EXIT_BAD_INPUT) -> int:
@@ -277,7 +294,9 @@ def worker(queues: str, name: str | None, loglevel: str) -> None:
     from worker.app import make_app
 
     settings = Settings()
+    click.echo(f"relay worker {node}: {_where(settings, queue_list)}", err=True)
     _check_broker(settings)
+    _warn_empty_embedded(settings)
     argv = ["worker", "-Q", ",".join(queue_list), "-n", f"relay@{node}", "-c", "1", "-P", "prefork", f"--loglevel={loglevel}"]
     if settings.embedded:
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
@@ -287,21 +306,26 @@ def worker(queues: str, name: str | None, loglevel: str) -> None:
 @main.command()
 @click.option("--host", default=None, help="default: RELAY_HOST or 127.0.0.1")
 @click.option("--port", type=int, default=None, help="default: RELAY_PORT or 8000")
-def scheduler(host: str | None, port: int | None) -> None:
+@click.option("--access-log", is_flag=True, help="log every HTTP request (off: the dashboard polls every 2 s)")
+def scheduler(host: str | None, port: int | None, access_log: bool) -> None:
     """Start the scheduler: the API (and dashboard) plus the reconciler."""
     import uvicorn
 
     from scheduler.api import make_api
+    from scheduler.broker import QUEUES
     from scheduler.control import Control
     from scheduler.reconciler import Reconciler
 
     settings = Settings()
+    host, port = host or settings.host, port or settings.port
+    url_host = f"[{host}]" if ":" in host else host
+    click.echo(f"relay scheduler: {_where(settings, list(QUEUES))}; dashboard and API at http://{url_host}:{port}/", err=True)
     _check_broker(settings)
     control = Control(settings)
     app = make_api(settings, control)
     reconciler = Reconciler(control.store, control.broker, control.leases, settings.reconcile_interval_s, settings.reconcile_grace_s)
     reconciler.start()
-    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
     reconciler.stop()
 
 
@@ -323,7 +347,7 @@ def run(workers: int, log_every: float, **kw: Any) -> None:
         job_id, _ = control.submit(spec)
     except SpecRejected as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    click.echo(f"job {job_id}: {control.store.state(job_id).n_chunks} chunks; storage {settings.storage}")
+    click.echo(f"job {job_id}: {control.store.state(job_id).n_chunks} chunks; {_where(settings, [spec.queue])}")
     env = {k: v for k, v in os.environ.items() if k != "RELAY_BROKER_URL"}
     env["RELAY_STORAGE"] = str(settings.storage)
     logs = settings.storage / "logs"

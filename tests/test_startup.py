@@ -1,0 +1,65 @@
+"""What services say when they start: storage, broker (password hidden), queues, the dashboard's
+address; a worker that can never meet a job warns; the scheduler's log is not access lines."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import Procs, free_port, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_start_up_lines_and_quiet_scheduler(procs: Procs) -> None:
+    storage = procs.env["RELAY_STORAGE"]
+    port = free_port()
+    procs.start("scheduler", "--port", str(port), name="scheduler")
+    worker = procs.start("worker", "--name", "lonely", name="worker")
+    api = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(api + "/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, 60, "the scheduler's /healthz")
+    for _ in range(3):
+        httpx.get(api + "/api/queue", timeout=5)
+    line = next(x for x in procs.log("scheduler").splitlines() if x.startswith("relay scheduler: "))
+    assert f"storage {storage}; broker embedded" in line and "queues cpu,gpu" in line
+    assert line.endswith(f"dashboard and API at http://127.0.0.1:{port}/")
+    assert "GET /api/queue" not in procs.log("scheduler")  # access lines are off by default
+    wait_for(lambda: "relay worker lonely: " in procs.log("worker"), 60, "the worker's start-up line")
+    log = procs.log("worker")
+    assert f"relay worker lonely: storage {storage}; broker embedded" in log and "queues cpu" in log
+    assert "warning: embedded transport (no RELAY_BROKER_URL) and no jobs in" in log
+    procs.kill(worker)
+
+    # A broker URL's password never shows, not even when the broker is not there.
+    dead = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
+    env = {**procs.env, "RELAY_BROKER_URL": dead}
+    r = subprocess.run([sys.executable, "-m", "scheduler.cli", "scheduler", "--port", str(free_port())], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stderr
+    assert f"broker redis://:***@127.0.0.1:{dead.rsplit(':', 1)[1].split('/')[0]}/0" in r.stderr
+    assert "hunter2secret" not in r.stderr + r.stdout
+
+
+def test_access_log_on_request(procs: Procs) -> None:
+    port = free_port()
+    procs.start("scheduler", "--port", str(port), "--access-log", name="scheduler")
+    api = f"http://127.0.0.1:{port}"
+
+    def logged() -> bool:
+        try:
+            httpx.get(api + "/api/queue", timeout=2)
+        except httpx.TransportError:
+            return False
+        return "GET /api/queue" in procs.log("scheduler")
+
+    wait_for(logged, 60, "an access line in the scheduler's log")
