@@ -59,8 +59,9 @@ def _list_text(list_file: Path) -> str:
         raise DataError(f"cannot read the list file ({exc.strerror or exc})", list_file=list_file) from exc
 
 
-def read_list(list_file: Path | str) -> list[Sample]:
-    """Parse a list file; paths are relative to it. Raises DataError naming file and line."""
+def read_list(list_file: Path | str, bad_lines: list[DataError] | None = None) -> list[Sample]:
+    """Parse a list file; paths are relative to it. Raises DataError naming file and line; with
+    `bad_lines`, malformed lines are collected there instead and parsing goes on."""
     list_file = Path(list_file)
     text = _list_text(list_file)
     root = list_file.parent
@@ -69,20 +70,27 @@ def read_list(list_file: Path | str) -> list[Sample]:
         fields = raw.split()
         if not fields or fields[0].startswith("#"):
             continue
-        if len(fields) > 2:
-            raise DataError(f"expected 'image [annotation]', got {len(fields)} fields", list_file=list_file, line=n)
-        image = root / fields[0]
-        if len(fields) == 2:
-            annotation = root / fields[1]
-        else:
-            try:
-                annotation = _ade_annotation_for(image)
-            except ValueError as exc:
-                raise DataError(f"{exc}; give the annotation path as a second field", list_file=list_file, line=n, path=image) from exc
-        samples.append(Sample(image, annotation, list_file, n))
-    if not samples:
+        try:
+            samples.append(_parse_line(fields, root, list_file, n))
+        except DataError as exc:
+            if bad_lines is None:
+                raise
+            bad_lines.append(exc)
+    if not samples and not bad_lines:
         raise DataError("list file names no samples", list_file=list_file)
     return samples
+
+
+def _parse_line(fields: list[str], root: Path, list_file: Path, n: int) -> Sample:
+    if len(fields) > 2:
+        raise DataError(f"expected 'image [annotation]', got {len(fields)} fields", list_file=list_file, line=n)
+    image = root / fields[0]
+    if len(fields) == 2:
+        return Sample(image, root / fields[1], list_file, n)
+    try:
+        return Sample(image, _ade_annotation_for(image), list_file, n)
+    except ValueError as exc:
+        raise DataError(f"{exc}; give the annotation path as a second field", list_file=list_file, line=n, path=image) from exc
 
 
 def _open(sample: Sample, path: Path) -> Image.Image:
@@ -150,18 +158,21 @@ class SegmentationDataset(Dataset):
 
 
 def check_dataset(list_file: Path | str, num_classes: int = 101) -> tuple[int, list[DataError]]:
-    """Validate every sample of a list file; returns (samples checked, every problem found)."""
+    """Validate every line and sample of a list file in one pass; returns (samples checked, every
+    problem found, in line order). Malformed lines count as checked samples that are bad."""
+    errors: list[DataError] = []
     try:
-        samples = read_list(list_file)
+        samples = read_list(list_file, errors)
     except DataError as exc:
         return 0, [exc]
-    errors: list[DataError] = []
+    bad_lines = len(errors)
     for s in samples:
         try:
             load_sample(s, 64, 64, num_classes)
         except DataError as exc:
             errors.append(exc)
-    return len(samples), errors
+    errors.sort(key=lambda e: e.line or 0)
+    return len(samples) + bad_lines, errors
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

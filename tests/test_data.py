@@ -268,6 +268,34 @@ def test_check_dataset_reports_every_error(tmp_path: Path) -> None:
     assert all(str(lf) in str(e) for e in errors)
 
 
+def test_check_dataset_malformed_lines_do_not_stop_it(tmp_path: Path) -> None:
+    """Malformed lines and bad samples, all reported in one pass, in line order, with a count."""
+    g1 = _pair(tmp_path, "good1")
+    g2 = _pair(tmp_path, "good2")
+    lf = _list(tmp_path, [f"{g1[0]} {g1[1]} extra", " ".join(g1), "flat.jpg", f"img/missing.jpg {g1[1]}",
+                          " ".join(g2), "a b c d"])
+    count, errors = check_dataset(lf)
+    assert count == 6
+    assert [e.line for e in errors] == [1, 3, 4, 6]
+    assert "got 3 fields" in str(errors[0]) and "images" in str(errors[1]) and "got 4 fields" in str(errors[3])
+    assert errors[2].path == tmp_path / "img" / "missing.jpg"
+    with pytest.raises(DataError, match="list.txt:1: "):
+        read_list(lf)  # jobs still refuse the file at its first bad line
+
+
+def test_data_check_command_reports_every_problem(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from scheduler.cli import main
+
+    g1 = _pair(tmp_path, "good1")
+    lf = _list(tmp_path, ["x y z", " ".join(g1), "img/nope.jpg ann/nope.png", "1 2 3 4"])
+    result = CliRunner().invoke(main, ["data", "check", str(lf)])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == "4 samples checked, 3 bad"
+    assert all(f"list.txt:{n}: " in result.output for n in (1, 3, 4))
+
+
 def test_check_dataset_bad_list_file(tmp_path: Path) -> None:
     count, errors = check_dataset(tmp_path / "absent.txt")
     assert count == 0 and len(errors) == 1 and "does not exist" in str(errors[0])
