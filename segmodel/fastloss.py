@@ -22,31 +22,35 @@ Here the same value and its gradient come from one pass over row blocks that sta
   that bound that their exps underflow (sum < 1e-30), the image is redone with each pixel's own
   max subtracted, as PyTorch does. Either way log-sum-exp is exact to float rounding.
 * CPU: images run in parallel on a small thread pool, as many threads as torch's intra-op count,
-  each running torch single-threaded (`torch.set_num_threads(1)` in the pool thread; its GEMMs
-  then run single-threaded too, measured). Two thousand small ops per step, each an OpenMP
-  fork/join, collapse when the machine is oversubscribed (a descheduled team member stalls every
-  barrier: 0.2 s/step became 2-5 s on a shared 2-core machine); whole images per thread have no
-  barriers. Each image's arithmetic is then the same whatever the thread count. The per-image
-  function is compiled with TorchScript where available (`_compiled`): it then runs without the
-  GIL, so the threads do not hand it back and forth at every op.
+  while torch itself runs single-threaded (`single_threaded`): two thousand small ops per step,
+  each an OpenMP fork/join, collapse when the machine is oversubscribed (a descheduled team
+  member stalls every barrier: 0.2 s/step became 2-5 s on a shared 2-core machine); whole images
+  per thread have no barriers. Each image's arithmetic is then the same whatever the thread count,
+  and per-image results are summed in image order: the bits do not depend on the thread count
+  (tested on 1, 2 and 3 threads). The per-image function is compiled with TorchScript where
+  available (`_compiled`): it then runs without the GIL, so the threads do not hand it back and
+  forth at every op.
 * CUDA: all images of a batch at once, whole cells per block (memory permitting).
 
 Value and gradient match the reference within float rounding (tests/test_fast.py checks 1e-5
 relative; observed ~1e-7 on the loss and ~2e-6 of the largest entry on the gradient, closer to a
 float64 reference than PyTorch's own float32 path). Not bitwise: the order of the operations
-differs. Deterministic for the same inputs, thread count and device (no atomics: gather/scatter
-touch each pixel's one class once), so training with it is exact across chunkings.
+differs. Deterministic for the same inputs and device, on any thread count (no atomics:
+gather/scatter touch each pixel's one class once), so training with it is exact across chunkings
+and across workers with different core counts.
 
 An all-void batch (no pixel != ignore_index) gives what PyTorch gives: a nan loss (0/0 mean) and a
 zero gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -233,26 +237,35 @@ _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
-def _single_threaded() -> None:
-    torch.ones(2).add_(1)  # torch's lazy per-thread setup first: it would reset the count later
-    torch.set_num_threads(1)
-
-
 def _pool(size: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_SIZE
     with _POOL_LOCK:
         if _POOL is None or _POOL_SIZE != size:
             if _POOL is not None:
                 _POOL.shutdown(wait=True)
-            caller = torch.get_num_threads()
-            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fastloss", initializer=_single_threaded)
-            # start every thread now, then put back the count that torch.set_num_threads(1) in
-            # them also changed for the calling thread and for threads created later
-            barrier = threading.Barrier(size)
-            list(_POOL.map(lambda _: barrier.wait(), range(size)))
-            torch.set_num_threads(caller)
+            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fastloss")
             _POOL_SIZE = size
         return _POOL
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch (OpenMP and MKL) on one thread inside the block, in every thread of the process.
+
+    torch.set_num_threads is process-wide for threads that OpenMP did not start (measured: a
+    count set in a pool thread is what the main thread and every other pool thread then see), so
+    the pool's threads cannot each keep their own count of 1: the whole process runs on one torch
+    thread while the pool works, and gets its count back after.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _forget_pool() -> None:  # a forked child has none of the parent's threads
@@ -303,20 +316,115 @@ def upsample_cross_entropy_with_grad(
             grad[a:b] = g
         return total, underflow
 
-    def each(starts: list[int], exact_max: bool) -> list[tuple[torch.Tensor, bool]]:
-        threads = torch.get_num_threads()
-        if z.device.type == "cpu" and threads > 1:
-            return list(_pool(threads).map(lambda a: one(a, exact_max), starts))
-        return [one(a, exact_max) for a in starts]
+    totals = _each_image(z.device, list(range(0, n_img, group)), one)
+    return _sum_in_order(totals).to(z.dtype), grad
 
-    starts = list(range(0, n_img, group))
+
+def _each_image(device: torch.device, starts: list[int], one: Any) -> list[torch.Tensor]:
+    """`one(start, exact_max) -> (share, underflow)` for every start, on the CPU pool (each image
+    single-threaded); starts whose sum of exps underflowed are redone with the exact max."""
+    def each(subset: list[int], exact_max: bool) -> list[tuple[torch.Tensor, bool]]:
+        threads = torch.get_num_threads()
+        if device.type != "cpu":
+            return [one(a, exact_max) for a in subset]
+        with single_threaded():
+            if threads == 1:
+                return [one(a, exact_max) for a in subset]
+            return list(_pool(threads).map(lambda a: one(a, exact_max), subset))
+
     results = dict(zip(starts, each(starts, False)))
     flagged = [a for a, (_, underflow) in results.items() if underflow]
     if flagged:  # redo with each pixel's own max subtracted, as PyTorch does
         results.update(zip(flagged, each(flagged, True)))
-    totals = [results[a][0] for a in starts]
-    total = torch.stack(totals).sum() if len(totals) > 1 else totals[0]
-    return total.to(z.dtype), grad
+    return [results[a][0] for a in starts]
+
+
+def _sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """parts[0] + parts[1] + ... left to right: one fixed order, whoever computed the parts."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+def head_cross_entropy_with_grads(
+    f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, size: tuple[int, int],
+    ignore_index: int = 0, want_grad: bool = True,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
+    """(loss, (d/df, d/dweight, d/dbias)) of the fused loss of a 1x1 convolution head on features f.
+
+    The partition of the work is fixed by the batch, never by the machine: each image's logits
+    z_i = W f_i + b, its share of the loss, its gradients and its contributions to d/dW and d/db
+    are computed by one thread running torch single-threaded, and the per-image results are then
+    summed in image order. The thread count only decides which thread computes which image, so
+    the bits are the same on 1, 2 or 16 threads (tested across processes) - unlike a batched
+    convolution, whose weight-gradient reduction is split across threads.
+    """
+    if f.dim() != 4 or weight.dim() != 4 or weight.shape[1] != f.shape[1] or weight.shape[2:] != (1, 1):
+        raise ValueError(f"expected features (N, Cin, h, w) and a 1x1 weight (C, Cin, 1, 1), got {tuple(f.shape)} and {tuple(weight.shape)}")
+    n_img, cin, h, w = f.shape
+    c = weight.shape[0]
+    height, width = int(size[0]), int(size[1])
+    if target.dim() != 3 or target.shape[0] != n_img or tuple(target.shape[1:]) != (height, width):
+        raise ValueError(f"expected target ({n_img}, {height}, {width}), got {tuple(target.shape)}")
+    f = f.detach().contiguous()
+    w2 = weight.detach().reshape(c, cin).contiguous()
+    b2 = bias.detach().reshape(c, 1) if bias is not None else torch.zeros(c, 1, dtype=f.dtype, device=f.device)
+    target = target.to(f.device)
+    valid = target != ignore_index
+    lo, hi = (int(v) for v in torch.aminmax(target if 0 <= ignore_index < c else torch.where(valid, target, 0)))
+    if lo < 0 or hi >= c:
+        raise IndexError(f"target class id out of range [0, {c}): min {lo}, max {hi}")
+    n_valid = int(valid.sum())
+    if n_valid == 0:  # what PyTorch gives: a mean over nothing
+        zeros = (torch.zeros_like(f), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
+        return torch.tensor(math.nan, dtype=f.dtype, device=f.device), zeros if want_grad else None
+    probe = torch.empty(1, c, h, w, dtype=f.dtype, device=f.device)
+    a_w = interp_matrix(width, w, f.dtype, f.device)
+    blocks = _row_blocks(height, h, _rows_per_block(probe, 1, height, width), f.dtype, f.device)
+    rows = max(b[2] - b[1] for b in blocks)
+    group_fn = _compiled()
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def one(i: int, exact_max: bool = False) -> tuple[torch.Tensor, bool]:
+        fi = f[i].reshape(cin, h * w)
+        zi = torch.addmm(b2, w2, fi).view(1, c, h, w)
+        share, g, underflow = group_fn(zi, target[i : i + 1], ignore_index, 1.0 / n_valid, a_w, blocks, rows, want_grad, exact_max)
+        if g is not None and not underflow:
+            g2 = g.reshape(c, h * w)
+            parts[i] = (torch.mm(w2.t(), g2).view(cin, h, w), torch.mm(g2, fi.t()), g2.sum(dim=1))
+        return share, underflow
+
+    total = _sum_in_order(_each_image(f.device, list(range(n_img)), one)).to(f.dtype)
+    if not want_grad:
+        return total, None
+    d_f = torch.stack([parts[i][0] for i in range(n_img)])
+    d_w = _sum_in_order([parts[i][1] for i in range(n_img)]).view_as(weight)
+    d_b = _sum_in_order([parts[i][2] for i in range(n_img)]).view_as(bias) if bias is not None else None
+    return total, (d_f, d_w, d_b)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,  # type: ignore[override]
+                height: int, width: int, ignore_index: int) -> torch.Tensor:
+        want = any(ctx.needs_input_grad[:3])
+        loss, grads = head_cross_entropy_with_grads(f, weight, bias, target, (height, width), ignore_index, want_grad=want)
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grads = ctx.grads
+        ctx.grads = None
+        out = [g * grad_output if g is not None and need else None for g, need in zip(grads, ctx.needs_input_grad[:3])]
+        return (*out, None, None, None, None)
+
+
+def head_cross_entropy(f: torch.Tensor, conv: torch.nn.Conv2d, target: torch.Tensor, size: tuple[int, int], ignore_index: int = 0) -> torch.Tensor:
+    """upsample_cross_entropy(conv(f), ...) for a 1x1 convolution `conv`, differentiable in its
+    weight and bias (and f), with arithmetic that does not depend on the thread count."""
+    return _HeadCrossEntropy.apply(f, conv.weight, conv.bias, target, int(size[0]), int(size[1]), int(ignore_index))
 
 
 class _UpsampleCrossEntropy(torch.autograd.Function):

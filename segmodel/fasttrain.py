@@ -19,6 +19,8 @@ read, never recomputed per chunk, and every operation is deterministic.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import torch
 
 from segmodel import cache as caches
 from segmodel.data import read_list
-from segmodel.fastloss import upsample_cross_entropy
+from segmodel.fastloss import head_cross_entropy, single_threaded, upsample_cross_entropy
 from segmodel.spec import TrainSpec
 from segmodel.train import ChunkResult, _batches, _begin, _run_steps, pick_device
 
@@ -59,10 +61,13 @@ def train_steps_fast(
     if features_cacheable(spec, model.features):
         feats = caches.feature_cache(data, model.features, storage_cache, device, progress=on_progress)
         env["feature_cache"] = feats.key
+    env["arithmetic"] = arithmetic(device, thread_invariant=feats is not None and device.type == "cpu")
     env["cache_build_s"] = round(data.built_s + (feats.built_s if feats is not None else 0.0), 3)
     batches = _batches(plan, len(samples), spec.seed, spec.batch_size, start, end)
 
     def step_loss(indices: list[int]) -> tuple[torch.Tensor, int]:
+        if feats is not None and device.type == "cpu":  # head and loss per image: thread-count invariant
+            return head_cross_entropy(feats.batch(indices), model.conv_to101, data.label_batch(indices), size), len(indices)
         if feats is not None:
             z = model.conv_to101(feats.batch(indices).to(device, non_blocking=True))
             y = data.label_batch(indices)
@@ -71,7 +76,23 @@ def train_steps_fast(
             z = model.conv_to101(model.features(x.to(device, non_blocking=True)))
         return upsample_cross_entropy(z, y.to(device, non_blocking=True), size), len(indices)
 
-    return _run_steps(layout, plan, model, optimizer, device, start, end, batches, step_loss, on_step, env)
+    # Adam's elementwise update is split across threads in pieces whose vectorized and scalar
+    # parts depend on the thread count; on one thread it is one piece everywhere.
+    return _run_steps(layout, plan, model, optimizer, device, start, end, batches, step_loss, on_step, env,
+                      optimizer_context=single_threaded if device.type == "cpu" else contextlib.nullcontext)
+
+
+def arithmetic(device: torch.device, *, thread_invariant: bool) -> dict[str, Any]:
+    """What decides a chunk's bits besides its inputs: recorded with every chunk. With
+    `thread_invariant`, the work is split per image and summed in image order, so the thread
+    count is not among them; the CPU's kernel family and the libraries' caps are."""
+    return {
+        "partition": "image" if thread_invariant else "library",
+        "thread_invariant": thread_invariant,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
 
 
 def features_cacheable(spec: TrainSpec, backbone: torch.nn.Module) -> bool:

@@ -6,13 +6,14 @@ checkpoints do not reliably restore (Lightning #17543, #18098, #20550).
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch.utils.data import DataLoader
@@ -133,9 +134,11 @@ def _run_steps(
     step_loss: Callable[[Any], tuple[torch.Tensor, int]],
     on_step: Callable[[dict[str, Any]], None] | None,
     env_extra: dict[str, Any] | None = None,
+    optimizer_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
 ) -> ChunkResult:
     """The step loop shared by every way of computing a batch's loss: `step_loss(batch)` returns
-    (loss, images in the batch). Saves weight<E>.pt at each epoch end and the full state at `end`."""
+    (loss, images in the batch). Saves weight<E>.pt at each epoch end and the full state at `end`.
+    The optimizer steps inside `optimizer_context()` (the fast engine: on one thread)."""
     t0 = time.perf_counter()
     losses: list[float] = []
     images = 0
@@ -146,7 +149,8 @@ def _run_steps(
         if not torch.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss.item()} at step {g} (epoch {g // plan.steps_per_epoch + 1})")
         loss.backward()
-        optimizer.step()
+        with optimizer_context():
+            optimizer.step()
         value = loss.item()
         losses.append(value)
         images += n

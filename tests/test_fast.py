@@ -237,6 +237,78 @@ def test_fast_training_is_exact_across_chunkings(runs: dict[str, Path], way: str
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+RANGE_SCRIPT = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[5]))
+from segmodel.spec import TrainSpec
+from segmodel.engine import train_range
+r = train_range(TrainSpec.model_validate_json(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), cache_dir=sys.argv[6])
+assert r.environment["threads"] == int(sys.argv[5]), r.environment
+"""
+
+
+def test_fast_training_is_exact_across_thread_counts(spec: TrainSpec, cache_root: Path, runs: dict[str, Path], tmp_path: Path) -> None:
+    """The job's chunks on trainers of 1, 2 and 3 threads, alternately, each in a process of its
+    own: the same bits as the uninterrupted run (made with this process's thread count)."""
+    for (a, b), threads in zip(((0, 3), (3, 5), (5, 8), (8, STEPS)), (1, 2, 3, 1)):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, "-c", RANGE_SCRIPT, spec.model_dump_json(), str(tmp_path), str(a), str(b),
+                               str(threads), str(cache_root)], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _final(runs["fast"]), _final(tmp_path)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for p, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][p][k]), (p, k)
+
+
+def test_head_loss_is_the_same_on_any_thread_count(tmp_path: Path) -> None:
+    """The per-image head + loss at the real size, run on 1, 2 and 3 threads: equal bits."""
+    script = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import segmodel.fastloss as fl
+gen = torch.Generator().manual_seed(0)
+torch.manual_seed(0)
+conv = torch.nn.Conv2d(256, 101, 1)
+f = torch.randn(16, 256, 6, 6, generator=gen).relu()
+t = torch.randint(0, 101, (16, 240, 240), generator=gen)
+t[torch.rand(16, 240, 240, generator=gen) < 0.4] = 0
+loss = fl.head_cross_entropy(f, conv, t, (240, 240))
+loss.backward()
+torch.save({"loss": loss.detach(), "w": conv.weight.grad, "b": conv.bias.grad}, sys.argv[2])
+"""
+    outs = []
+    for threads in (1, 2, 3):
+        out = tmp_path / f"{threads}.pt"
+        proc = subprocess.run([sys.executable, "-c", script, str(threads), str(out)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(torch.load(out))
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]) and torch.equal(outs[0][k], outs[2][k]), k
+
+
+def test_head_loss_matches_conv_and_reference() -> None:
+    gen = torch.Generator().manual_seed(11)
+    conv = torch.nn.Conv2d(32, 7, 1)
+    f = torch.randn(3, 32, 3, 4, generator=gen).relu().requires_grad_()
+    t = _targets(gen, 3, 7, 30, 41)
+    grads = []
+    for fn in (lambda: fastloss.reference_loss(conv(f), t, (30, 41)), lambda: fastloss.head_cross_entropy(f, conv, t, (30, 41))):
+        conv.zero_grad()
+        f.grad = None
+        loss = fn()
+        loss.backward()
+        grads.append((loss.detach(), f.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for ref, got in zip(*grads):
+        assert (got - ref).abs().max() <= GRAD_RTOL * ref.abs().max()
+    void = fastloss.head_cross_entropy(f, conv, torch.zeros(3, 30, 41, dtype=torch.long), (30, 41))
+    assert torch.isnan(void)
+    with pytest.raises(IndexError):
+        fastloss.head_cross_entropy(f, conv, torch.full((3, 30, 41), 7), (30, 41))
+
+
 def test_fast_training_matches_the_seed_path(runs: dict[str, Path]) -> None:
     seed, fast = _final(runs["seed"]), _final(runs["fast"])
     assert seed["step"] == fast["step"] == STEPS and seed["format"] == fast["format"]
@@ -264,6 +336,7 @@ def test_fast_chunk_result_and_metrics(spec: TrainSpec, cache_root: Path, runs: 
     assert [m["step"] for m in seen] == [1, 2] and all(m["loss"] == m["loss"] for m in seen)
     assert r.start_step == 0 and r.end_step == 2 and r.images_per_s > 0
     assert r.environment["engine"] == "fast" and r.environment["threads"] == torch.get_num_threads()
+    assert r.environment["arithmetic"]["thread_invariant"] and r.environment["arithmetic"]["partition"] == "image"
     assert r.environment["cache_build_s"] == 0  # built by the runs above
     assert checkpoint.is_valid(JobLayout(tmp_path).checkpoint(2))
 
@@ -392,3 +465,8 @@ def test_threads_and_worker_env() -> None:
     env = worker_env({"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}, threads=3)
     assert env["PATH"] == "/bin" and env["MALLOC_ARENA_MAX"] == "4"  # what the caller set wins
     assert env["OMP_NUM_THREADS"] == "3" and int(env["MALLOC_MMAP_THRESHOLD_"]) == 1 << 30
+    assert "MKL_CBWR" not in env
+    portable = worker_env({"RELAY_CPU_ISA": "avx2"})
+    assert portable["ATEN_CPU_CAPABILITY"] == "avx2" and portable["MKL_CBWR"] == "AVX2" and portable["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    with pytest.raises(ValueError, match="RELAY_CPU_ISA"):
+        worker_env({"RELAY_CPU_ISA": "sse"})

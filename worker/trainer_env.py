@@ -48,6 +48,14 @@ def choose_threads() -> int:
     return n
 
 
+# RELAY_CPU_ISA=avx2: every library's CPU kernels capped at AVX2, so x86 workers of different
+# models (AVX2 or AVX-512) run the same code paths. ATen's vector kernels, MKL's conditional
+# numerical reproducibility branch and oneDNN's ISA cap are each read once, at process start.
+# It costs speed on AVX-512 machines (~1.5x on the fast engine's step, measured on a busy
+# 2-core VM), so it is a choice for mixed fleets, not the default.
+PORTABLE_ISA = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
 def worker_env(base: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
     """The environment for the trainer subprocess: thread counts and glibc malloc settings.
 
@@ -63,7 +71,9 @@ def worker_env(base: dict[str, str] | None = None, threads: int | None = None) -
     * MALLOC_TRIM_THRESHOLD_=2 GiB, MALLOC_TOP_PAD_=256 MiB: the heap is not shrunk after each step
       nor grown a page at a time;
     * MALLOC_ARENA_MAX=2: few arenas, so memory freed by one thread is found by the next.
-    OMP_NUM_THREADS / MKL_NUM_THREADS: `choose_threads()`. Values already set in `base` win.
+    OMP_NUM_THREADS / MKL_NUM_THREADS: `choose_threads()`. The fast engine's arithmetic does not
+    depend on the thread count; RELAY_CPU_ISA (see PORTABLE_ISA) pins it across CPU models.
+    Values already set in `base` win.
     """
     env = dict(os.environ if base is None else base)
     n = str(threads or choose_threads())
@@ -75,6 +85,11 @@ def worker_env(base: dict[str, str] | None = None, threads: int | None = None) -
         "MALLOC_TOP_PAD_": str(256 << 20),
         "MALLOC_ARENA_MAX": "2",
     }
+    isa = env.get("RELAY_CPU_ISA", "")
+    if isa:
+        if isa not in PORTABLE_ISA:
+            raise ValueError(f"RELAY_CPU_ISA={isa!r}: expected one of {sorted(PORTABLE_ISA)} or unset")
+        wanted.update(PORTABLE_ISA[isa])
     for k, v in wanted.items():
         env.setdefault(k, v)
     return env
