@@ -99,8 +99,8 @@ def spec_options(f: Any) -> Any:
     """The job options shared by `submit` and `run`."""
     options = [
         click.option("--name", default=None, help="a name to find the job by (unique; starts with a letter)"),
-        click.option("--train", "train", required=True, type=click.Path(), help="list file of training samples"),
-        click.option("--val", "val", required=True, type=click.Path(), help="list file of validation samples"),
+        click.option("--train", "train", type=click.Path(), help="list file of training samples (required)"),
+        click.option("--val", "val", type=click.Path(), help="list file of validation samples (required)"),
         click.option("--epochs", type=int, default=20, show_default=True),
         click.option("--chunk-steps", type=int, default=None, help="steps per chunk (default: one epoch)"),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -121,6 +121,8 @@ def spec_options(f: Any) -> Any:
 
 
 def _spec(kw: dict[str, Any]) -> TrainSpec:
+    if not kw["train"] or not kw["val"]:
+        raise click.UsageError("give --train and --val")
     fields = {k: v for k, v in kw.items() if k in TrainSpec.model_fields and v is not None}
     fields["pretrained"] = not kw["no_pretrained"]
     for key in ("train", "val", "pretrained_path"):
@@ -261,7 +263,21 @@ def _action(verb: str) -> None:
         click.echo(json.dumps(job) if as_json else f"{job['id']}: {job['state']}")
 
 
-for _verb in ("cancel", "pause", "resume"):
+@main.command(epilog=JOB_HELP)
+@click.argument("job_id", metavar="JOB")
+@click.option("--wait", is_flag=True, help="then follow it like `relay watch` until it ends or pauses")
+@click.option("--json", "as_json", is_flag=True)
+def resume(job_id: str, wait: bool, as_json: bool) -> None:
+    """Resume a paused, failed or cancelled job from its last good checkpoint."""
+    client = _client()
+    job = _call(client.action, job_id, "resume")
+    click.echo(json.dumps(job) if as_json else f"{job['id']}: {job['state']}")
+    if wait:
+        job = watch_job(lambda: _call(client.job, job["id"]), 1.0)
+        sys.exit(_exit_for(job["state"]))
+
+
+for _verb in ("cancel", "pause"):
     _action(_verb)
 
 
@@ -329,55 +345,119 @@ def scheduler(host: str | None, port: int | None, access_log: bool) -> None:
     reconciler.stop()
 
 
-@main.command()
+@main.command(epilog=JOB_HELP)
 @spec_options
 @click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True, help="local worker processes")
 @click.option("--log-every", type=click.FloatRange(0), default=0.0, show_default=True,
               help="without a terminal: a line per chunk, or at most one per this many seconds")
-def run(workers: int, log_every: float, **kw: Any) -> None:
+@click.option("--attach", "attach", metavar="JOB", default=None,
+              help="pick up a job run here before (paused, stopped or left running) instead of submitting one")
+@click.option("--detach", is_flag=True, help="on Ctrl-C leave the job running (no worker trains it until you attach) "
+                                             "instead of pausing it")
+def run(workers: int, log_every: float, attach: str | None, detach: bool, **kw: Any) -> None:
     """Run a job start to end on the embedded default (no Redis, no Docker): print the evaluation
-    and the final weights' path."""
-    from scheduler.control import Control, SpecRejected
+    and the final weights' path. Ctrl-C pauses the job once the chunk in flight has committed
+    (exit 7); `relay run --attach JOB` continues it."""
+    from scheduler.control import AmbiguousJob, Control, SpecRejected, TransitionRefused
+    from scheduler.jobs import JobNotFound
     from scheduler.reconciler import Reconciler
 
     settings = Settings().model_copy(update={"broker_url": None})
-    spec = _spec(kw)
     control = Control(settings)
-    try:
-        job_id, _ = control.submit(spec)
-    except SpecRejected as exc:
-        _fail(str(exc), EXIT_BAD_INPUT)
-    click.echo(f"job {job_id}: {control.store.state(job_id).n_chunks} chunks; {_where(settings, [spec.queue])}")
-    env = {k: v for k, v in os.environ.items() if k != "RELAY_BROKER_URL"}
-    env["RELAY_STORAGE"] = str(settings.storage)
-    logs = settings.storage / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(workers):
-        name = f"embedded-{i + 1}"
-        with open(logs / f"{name}.log", "ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "scheduler.cli", "worker", "--queues", spec.queue,
-                                           "--name", name], env=env, stdout=log, stderr=subprocess.STDOUT))
-    click.echo(f"{workers} worker(s) started; logs in {logs}")
+    if attach is None:
+        spec = _spec(kw)
+        try:
+            job_id, _ = control.submit(spec)
+        except SpecRejected as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+    else:
+        try:
+            job_id = control.resolve(attach)
+            spec = control.store.spec(job_id)
+            if control.store.state(job_id).status.value in ("paused", "failed", "cancelled"):
+                control.resume(job_id)
+        except JobNotFound as exc:
+            _fail(f"{exc} in {settings.storage} (RELAY_STORAGE)", EXIT_NOT_FOUND)
+        except (AmbiguousJob, TransitionRefused) as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+    state = control.store.state(job_id)
+    verb = "attached" if attach else "submitted"
+    click.echo(f"job {job_id}: {verb}, {state.n_chunks} chunks, at step {state.step}/{state.total_steps}; "
+               f"{_where(settings, [spec.queue])}")
+    procs = _embedded_workers(settings, spec.queue, workers) if not state.status.final else []
     reconciler = Reconciler(control.store, control.broker, control.leases, settings.reconcile_interval_s, settings.reconcile_grace_s)
     reconciler.start()
     try:
-        job = watch_job(lambda: control.view(job_id), 0.5, log_every)
+        try:
+            job = watch_job(lambda: control.view(job_id), 0.5, log_every)
+        except KeyboardInterrupt:
+            job = _interrupted(control, job_id, detach)
     finally:
         reconciler.stop()
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs)
+    if job["state"] == "paused" or (detach and job["state"] in ("queued", "running")):
+        left = "paused" if job["state"] == "paused" else f"left {job['state']} with no worker"
+        click.echo(f"job {job_id} {left} at step {job['progress']['step']}/{job['progress']['total_steps']}; "
+                   f"continue with: relay run --attach {job_id}   (or, with a scheduler: relay resume {job_id} --wait)")
+        sys.exit(EXIT_PAUSED)
     layout = control.store.layout(job_id)
     if job["state"] != "succeeded":
         _fail(f"job {job_id} {job['state']}: {job['reason'] or job['last_error']}", EXIT_FAILED)
     print_report(json.loads(layout.report_file.read_text()))
     click.echo(f"final weights: {layout.weight(spec.epochs)}")
     click.echo(f"job {job_id} succeeded in {time.time() - job['created_at']:.0f} s")
+
+
+def _embedded_workers(settings: Settings, queue: str, n: int) -> list[subprocess.Popen[bytes]]:
+    """Local `relay worker` processes, each in its own session: Ctrl-C reaches `relay run` only,
+    which decides what the workers do."""
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_BROKER_URL"}
+    env["RELAY_STORAGE"] = str(settings.storage)
+    logs = settings.storage / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(n):
+        name = f"embedded-{i + 1}"
+        with open(logs / f"{name}.log", "ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "scheduler.cli", "worker", "--queues", queue,
+                                           "--name", name], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    click.echo(f"{n} worker(s) started; logs in {logs}")
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Warm shutdown: a worker finishes the chunk it trains; one that takes too long is killed."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _interrupted(control: Any, job_id: str, detach: bool) -> dict[str, Any]:
+    """Ctrl-C: pause (unless detaching), then wait for the chunk in flight to commit so no work is
+    lost. A second Ctrl-C stops waiting: that chunk is trained again from its start."""
+    from scheduler.control import TransitionRefused
+
+    if detach:
+        click.echo(f"\ninterrupted: leaving job {job_id} as it is; stopping the local workers", err=True)
+        return control.view(job_id)
+    try:
+        control.pause(job_id)
+    except TransitionRefused:
+        return control.view(job_id)  # it ended meanwhile
+    click.echo(f"\ninterrupted: pausing job {job_id} once the chunk in flight has committed (Ctrl-C again: don't wait)",
+               err=True)
+    try:
+        while control.leases.holder(job_id) is not None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    return control.view(job_id)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,3 +200,34 @@ def test_relay_run_embedded(procs: Procs, tiny_data: dict[str, Path], reference:
     assert f"job {job_id}: succeeded  step 12/12 (100%)" in out.stdout
     weights = Path(next(line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("final weights: ")))
     assert_equal_weights(checkpoint.load(weights), reference)
+
+
+def test_ctrl_c_on_relay_run_pauses_and_attach_finishes(procs: Procs, tiny_data: dict[str, Path],
+                                                        reference: dict[str, torch.Tensor]) -> None:
+    """A real SIGINT: the job pauses at a chunk boundary, nothing is lost; --attach finishes it
+    with the weights of an uninterrupted run."""
+    spec = tiny_spec(tiny_data)
+    log = procs.tmp / "run.log"
+    with open(log, "wb") as out:
+        run = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "run", "--train", spec.train, "--val", spec.val,
+                                "--epochs", "3", "--chunk-steps", "1", "--seed", "7", "--batch-size", "4",
+                                "--height", "64", "--width", "64", "--no-pretrained", "--name", "interrupted"],
+                               env=procs.env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "chunk 2/12 done" in log.read_text(), 240, "two chunks committed")
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=120) == 7, log.read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    text = log.read_text()
+    job_id = text.split()[1].rstrip(":")
+    assert f"continue with: relay run --attach {job_id}" in text and "Traceback" not in text
+    layout = JobLayout(Path(procs.env["RELAY_STORAGE"]) / "jobs" / job_id)
+    state = json.loads(layout.state_file.read_text())
+    assert state["status"] == "paused" and 2 <= state["step"] < 12 and state["chunk"] == state["step"]
+    assert [json.loads(x)["chunk"] for x in layout.commit_log.read_text().splitlines()] == list(range(state["step"]))
+
+    attached = procs.relay("run", "--attach", "interrupted", timeout=300)
+    assert f"job {job_id}: attached" in attached.stdout and "final weights: " in attached.stdout
+    assert_equal_weights(checkpoint.load(layout.weight(3)), reference)
