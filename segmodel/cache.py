@@ -28,13 +28,22 @@ compute on CPU and just as independent of the job.
 Both caches are built in a temporary folder next to the final one and renamed into place, so a
 reader sees a complete cache or none. Two workers building the same key at once both do the work;
 the first rename wins and the other's copy is removed.
+
+Space. Before a build the free space of the cache folder is checked against the cache's size
+(CacheSpaceError naming the folder and the bytes, permanent: the job fails at once). The arrays'
+blocks are then reserved up front (posix_fallocate), so a disk that fills up meanwhile is an
+ENOSPC exception at that point - never a SIGBUS while writing through the memory map, which would
+kill the process before it could clean up. Any failure removes the build folder; a folder left by
+a builder that died (its host's process no longer exists) is removed by the next build.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -49,7 +58,7 @@ import torch
 from torch import nn
 
 from segmodel.data import Sample, load_sample, read_list, to_tensors
-from segmodel.errors import DataError
+from segmodel.errors import CacheSpaceError, DataError, show_path
 
 DATA_FORMAT = 2  # bump when load_sample's output for the same file could change
 FEATURE_FORMAT = 1
@@ -141,20 +150,71 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 STALE_TMP_S = 24 * 3600  # a temporary build folder this old belongs to a builder that died
+HEADROOM_BYTES = 64 << 20  # left free beside a new cache, for logs and checkpoints
+_HOST = "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname())[:40]
+
+
+def _builder_gone(folder: Path, now: float) -> bool:
+    """A build folder whose builder is dead: a process of this host that no longer exists, or
+    any builder silent for STALE_TMP_S."""
+    parts = folder.name.split(".")  # .tmp-<key16>.<host>.<pid>.<random>
+    if len(parts) == 5 and parts[2] == _HOST and parts[3].isdigit():
+        try:
+            os.kill(int(parts[3]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    try:
+        return now - folder.stat().st_mtime > STALE_TMP_S
+    except OSError:
+        return False
 
 
 def _tmp_dir(parent: Path, key: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
     for old in parent.glob(".tmp-*"):
-        try:
-            if now - old.stat().st_mtime > STALE_TMP_S:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-    tmp = parent / f".tmp-{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if _builder_gone(old, now):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = parent / f".tmp-{key[:16]}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
+
+
+def npy_bytes(shape: Sequence[int], dtype: Any) -> int:
+    """Size of an .npy file of this shape and dtype (header included)."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + 4096
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """Raise CacheSpaceError unless `folder`'s file system has `needed` bytes free (plus headroom)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + HEADROOM_BYTES:
+        raise CacheSpaceError(
+            f"{show_path(folder)}: building this cache needs {needed:,} bytes ({needed / 2**30:.2f} GiB) "
+            f"plus {HEADROOM_BYTES >> 20} MiB to spare, but only {free:,} bytes are free; free space there "
+            f"or point RELAY_CACHE_DIR at a larger disk")
+
+
+def _allocate(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+    """An .npy file memory-mapped for writing, every block reserved first: a full disk raises
+    ENOSPC here instead of a SIGBUS when the map is written."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            zeros = bytes(1 << 20)  # no fallocate on this file system: reserve with plain writes
+            for off in range(arr.offset, size, len(zeros)):
+                os.pwrite(fd, zeros[: min(len(zeros), size - off)], off)
+    finally:
+        os.close(fd)
+    return arr
 
 
 def _read_meta(folder: Path, key: str) -> dict[str, Any] | None:
@@ -220,8 +280,9 @@ def data_cache(
 
     def build(tmp: Path) -> dict[str, Any]:
         n = len(samples)
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
-        labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, height, width))
+        check_space(tmp, npy_bytes((n, height, width, 3), np.uint8) + npy_bytes((n, height, width), np.uint8))
+        images = _allocate(tmp / "images.npy", (n, height, width, 3), np.uint8)
+        labels = _allocate(tmp / "labels.npy", (n, height, width), np.uint8)
         workers = threads or max(1, len(os.sched_getaffinity(0)))
         # PIL decodes and resizes with the GIL released: threads use every core. Windows of
         # samples bound the decoded images waiting to be written; a bad sample stops the rest.
@@ -255,14 +316,24 @@ def _open_or_build(parent: Path, key: str, open_: Callable[[Path, str, float], C
     if found is not None:
         return found
     t0 = time.perf_counter()
-    tmp = _tmp_dir(parent, key)
+    tmp: Path | None = None
     try:
+        tmp = _tmp_dir(parent, key)
         meta = build(tmp)
         meta.update(key=key, built=time.time(), seconds=time.perf_counter() - t0)
         (tmp / "meta.json").write_text(json.dumps(meta))
         _publish(tmp, final)
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = show_path(exc.filename or tmp or parent)
+        if exc.errno == errno.ENOSPC:
+            raise CacheSpaceError(f"{where}: no space left on the device while building the cache {show_path(final)} "
+                                  f"(its build folder was removed); free space there or point RELAY_CACHE_DIR at a larger disk") from exc
+        raise OSError(exc.errno, f"{exc.strerror} (building the cache {show_path(final)})", str(exc.filename or tmp or parent)) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     opened = open_(final, key, time.perf_counter() - t0)
     assert opened is not None
@@ -322,7 +393,9 @@ def feature_cache(
             x, _ = data.batch(idx)
             out = backbone(x.to(device)).float().cpu().numpy()
             if feats is None:
-                feats = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float32, shape=(n, *out.shape[1:]))
+                shape = (n, *out.shape[1:])
+                check_space(tmp, npy_bytes(shape, np.float32))
+                feats = _allocate(tmp / "features.npy", shape, np.float32)
             feats[b0 : b0 + len(idx)] = out
             if progress is not None:
                 progress("features", b0 + len(idx), n)

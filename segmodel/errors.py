@@ -51,3 +51,7 @@ class CheckpointError(RelayError):
 
 class TrainingError(RelayError):
     """Training cannot go on: a non-finite loss, or a spec the model cannot run."""
+
+
+class CacheSpaceError(RelayError):
+    """Too little free space where a cache must be built: retrying cannot help until space is freed."""

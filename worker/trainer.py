@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 # What retrying cannot fix: the job fails at once with the message.
-PERMANENT = {"DataError", "TrainingError", "PretrainedWeightsUnavailable", "ValidationError"}
+PERMANENT = {"DataError", "TrainingError", "PretrainedWeightsUnavailable", "ValidationError", "CacheSpaceError"}
 
 
 class TrainerCrashed(RuntimeError):
