@@ -20,7 +20,7 @@ from scheduler.control import AmbiguousJob, Control, SpecRejected, TransitionRef
 from scheduler.health import BrokerDown
 from scheduler.jobs import IdempotencyConflict, JobNotFound, JobStatus
 from scheduler.responses import AsciiJSONResponse
-from scheduler.web import mount_dashboard
+from scheduler.web import list_files, mount_dashboard
 from segmodel.spec import TrainSpec
 from segmodel.storage import StorageError
 from worker.settings import Settings
@@ -197,6 +197,11 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
                 if m.get("step", 0) > since_step:
                     by_step[m["step"]] = m
         return [by_step[k] for k in sorted(by_step)]
+
+    @api.get("/api/datasets")
+    def datasets() -> dict[str, Any]:
+        """List files (*.txt) under the data roots (RELAY_DATA_ROOTS), for the dashboard's new-job form."""
+        return {"roots": [str(r) for r in settings.data_roots], "lists": list_files(settings.data_roots)}
 
     @api.get("/api/queue")
     def queue() -> dict[str, Any]:

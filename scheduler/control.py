@@ -15,7 +15,7 @@ from segmodel.errors import DataError, show_path
 from segmodel.spec import TrainSpec
 from worker.app import make_app
 from worker.lease import make_leases
-from worker.registry import online
+from worker.registry import lost, online
 from worker.settings import Settings
 
 
@@ -51,6 +51,14 @@ class AmbiguousJob(ValueError):
 
 
 LATEST = ("last", "-")
+
+
+def _unserved(depths: dict[str, int | None], workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Queues with work waiting and no live worker consuming them: the work waits forever."""
+    served = {q for w in workers for q in w.get("queues", [])}
+    return [{"queue": q, "waiting": n,
+             "message": f"queue {q}: {n} waiting and no live worker consumes it (start one: relay worker --queues {q})"}
+            for q, n in depths.items() if n and q not in served]
 
 
 class Control:
@@ -215,8 +223,10 @@ class Control:
     def queue(self) -> dict[str, Any]:
         """Queue depths from the broker (None each, with the reason, while it is down); workers from storage."""
         depths, broker_error = self.guard.ask(self.broker.depths)
+        workers = online(self.settings.storage)
         return {"queues": depths if depths is not None else dict.fromkeys(QUEUES), "broker_error": broker_error,
-                "workers": online(self.settings.storage), "at": time.time()}
+                "workers": workers, "lost_workers": lost(self.settings.storage),
+                "warnings": _unserved(depths or {}, workers), "at": time.time()}
 
     def health(self) -> dict[str, Any]:
         return health(self.settings, self.broker.ping)

@@ -41,6 +41,12 @@ def print_status(queue: dict[str, Any], jobs: list[dict[str, Any]], total: int |
         since = f"{time.time() - w['since']:.0f} s" if w.get("since") else ""
         workers.add_row(w["node"], ",".join(w["queues"]), doing, since)
     console.print(workers)
+    for w in queue.get("lost_workers", []):
+        doing = f", was training {w['job']} chunk {w['chunk']}" if w.get("job") else ""
+        console.print(f"[red]lost:[/] worker {w['node']} stopped heartbeating {_eta(time.time() - w['lost_at'])} ago "
+                      f"({time.strftime('%H:%M:%S', time.localtime(w['lost_at']))}){doing}")
+    for warning in queue.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning['message']}")
     shown = f"{len(jobs)} jobs" if total is None or total == len(jobs) else f"newest {len(jobs)} of {total} jobs"
     table = Table("job", "name", "state", "progress", "loss", "eta", "reason", title=shown, title_justify="left")
     for j in jobs:

@@ -7,6 +7,7 @@ its charts as inline SVG. index.html names its script and stylesheet with a hash
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -37,6 +38,21 @@ def _index() -> str:
 
 def _dashboard(request: Request) -> HTMLResponse:
     return HTMLResponse(_index(), headers=HEADERS)
+
+
+def list_files(roots: list[Path], limit: int = 500, depth: int = 4) -> list[str]:
+    """Candidate list files (*.txt) under the data roots, a few folders deep, sorted; at most `limit`."""
+    found: list[str] = []
+    for root in roots:
+        root = root.resolve()
+        for folder, dirs, files in os.walk(root):
+            if len(Path(folder).relative_to(root).parts) >= depth:
+                dirs.clear()
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [str(Path(folder) / f) for f in sorted(files) if f.endswith(".txt")]
+            if len(found) >= limit:
+                return found[:limit]
+    return found
 
 
 def mount_dashboard(api: FastAPI) -> None:

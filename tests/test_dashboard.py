@@ -7,6 +7,7 @@ or to the test's temporary folder.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -188,4 +189,63 @@ def test_dashboard_asks_for_the_token_when_reads_need_it(procs: Procs, browser: 
     page.locator("#jobs tr.empty").wait_for(timeout=15_000)  # "No jobs yet": the reads went through
     page.locator('.queue[data-queue="cpu"]').wait_for()
     assert watch.seen_401 >= 1
+    assert not watch.problems, "\n".join(watch.problems)
+
+
+def test_dashboard_new_job_form_lost_worker_and_unserved_queue(procs: Procs, redis_url: str, tiny_data: dict[str, Path],
+                                                               browser: Any, tmp_path: Path) -> None:
+    """A job submitted through the form (after a refused try) runs to succeeded; a SIGKILLed worker
+    shows as lost; work waiting on a queue no live worker consumes is flagged."""
+    procs.env["RELAY_DATA_ROOTS"] = json.dumps([str(tiny_data["train"].parent)])
+    cluster = Cluster(procs, redis_url)
+    shots = Path(os.environ.get("RELAY_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1360, "height": 1000})
+    watch = Watcher(page)
+    page.goto(cluster.api + "/")
+    page.locator("#new-job-link").click()
+    page.locator("#field-train").wait_for(timeout=30_000)
+    options = page.eval_on_selector_all("#list-files option", "os => os.map(o => o.value)")
+    assert str(tiny_data["train"]) in options and str(tiny_data["val"]) in options
+    assert page.input_value("#field-epochs") == "20" and page.input_value("#field-batch_size") == "16"
+    assert page.is_checked("#field-pretrained")
+
+    page.fill("#field-train", str(tiny_data["train"]))
+    page.fill("#field-val", str(tiny_data["val"]))
+    page.fill("#field-epochs", "0")
+    page.click("#submit-job")
+    page.locator("#error-epochs:not(:empty)").wait_for(timeout=15_000)
+    assert "greater than or equal to 1" in page.inner_text("#error-epochs")
+    assert "not submitted" in page.inner_text("#new-job-message")
+    watch.problems = [p for p in watch.problems if "HTTP 422" not in p and "status of 422" not in p]
+    page.screenshot(path=str(shots / "new-job-refused.png"), full_page=True)
+
+    for field, value in (("epochs", "2"), ("batch_size", "4"), ("height", "64"), ("width", "64"), ("name", "from-form")):
+        page.fill(f"#field-{field}", value)
+    page.uncheck("#field-pretrained")
+    page.click("#submit-job")
+    page.wait_for_url("**/#/jobs/*", timeout=15_000)
+    job_id = page.url.rsplit("/", 1)[1]
+    page.locator("#job-state.state-succeeded").wait_for(timeout=300_000)
+    job = cluster.get(f"/api/jobs/{job_id}")
+    assert job["state"] == "succeeded" and job["spec"]["name"] == "from-form" and job["spec"]["epochs"] == 2
+    assert job["spec"]["pretrained"] is False and job["progress"]["step"] == 8
+
+    # A worker killed outright leaves its last heartbeat behind: shown as lost, with when.
+    procs.kill(cluster.workers["w2"])
+    page.locator("a.back").click()
+    lost = page.locator('.worker-row.lost[data-node="w2"]')
+    lost.wait_for(timeout=60_000)
+    assert "no heartbeat since" in lost.locator(".worker-lost-at").inner_text()
+    assert page.locator('.worker-row:not(.lost)[data-node="w1"]').count() == 1
+
+    # No live worker on the gpu queue: a job waiting there is flagged.
+    gpu = cluster.submit(tiny_spec(tiny_data), "--queue", "gpu")
+    warning = page.locator('.queue-warning[data-queue="gpu"]')
+    warning.wait_for(timeout=30_000)
+    assert "no live worker consumes it" in warning.inner_text()
+    page.screenshot(path=str(shots / "overview-lost-worker.png"), full_page=True)
+    assert cluster.get(f"/api/jobs/{gpu}")["state"] == "queued"
+    queue = cluster.get("/api/queue")
+    assert [w["node"] for w in queue["lost_workers"]] == ["w2"] and queue["warnings"][0]["queue"] == "gpu"
     assert not watch.problems, "\n".join(watch.problems)

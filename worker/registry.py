@@ -52,15 +52,29 @@ class WorkerRegistry:
         self.path.unlink(missing_ok=True)
 
 
-def online(storage: Path, max_age_s: float = 4 * BEAT_S) -> list[dict[str, Any]]:
+LOST_SHOWN_S = 24 * 3600  # how long a worker that vanished is listed as lost
+
+
+def _records(storage: Path) -> list[dict[str, Any]]:
     folder = Path(storage) / "workers"
-    now = time.time()
     found = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            record = json.loads(path.read_text())
+            found.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-        if now - record.get("last_seen", 0) <= max_age_s:
-            found.append(record)
     return found
+
+
+def online(storage: Path, max_age_s: float = 4 * BEAT_S) -> list[dict[str, Any]]:
+    now = time.time()
+    return [r for r in _records(storage) if now - r.get("last_seen", 0) <= max_age_s]
+
+
+def lost(storage: Path, max_age_s: float = 4 * BEAT_S, shown_s: float = LOST_SHOWN_S) -> list[dict[str, Any]]:
+    """Workers that stopped heartbeating without a clean stop (which removes their record): killed,
+    crashed, or cut off from storage. Newest loss first; each with `lost_at`, its last heartbeat."""
+    now = time.time()
+    gone = [{**r, "lost_at": r.get("last_seen", 0)} for r in _records(storage)
+            if max_age_s < now - r.get("last_seen", 0) <= shown_s]
+    return sorted(gone, key=lambda r: -r["lost_at"])

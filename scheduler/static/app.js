@@ -133,23 +133,28 @@
   let clockOffset = 0; // server time minus browser time, from /api/queue's "at"
   const serverNow = () => Date.now() / 1000 + clockOffset;
 
-  async function api(path, method = "GET") {
+  async function api(path, method = "GET", body = undefined) {
     const headers = { Accept: "application/json" };
     const token = localStorage.getItem(TOKEN_KEY);
     if (token) headers.Authorization = `Bearer ${token}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
     let r;
     try {
-      r = await fetch(path, { method, headers, cache: "no-store" });
+      r = await fetch(path, { method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body) });
     } catch (e) {
       throw new ApiError(0, "the scheduler's API cannot be reached");
     }
     if (!r.ok) {
       let detail = `${r.status} ${r.statusText}`;
+      let fields = null;
       try {
-        const body = await r.json();
-        if (body && body.detail) detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+        const answer = await r.json();
+        if (answer && answer.detail) detail = typeof answer.detail === "string" ? answer.detail : JSON.stringify(answer.detail);
+        if (answer && Array.isArray(answer.detail)) fields = answer.detail; // 422: [{loc, msg}, ...]
       } catch (e) { /* not JSON */ }
-      throw new ApiError(r.status, detail);
+      const err = new ApiError(r.status, detail);
+      err.fields = fields;
+      throw err;
     }
     return r.json();
   }
@@ -277,8 +282,100 @@
     clearTimeout(timer);
     const view = $("#view");
     const m = /^#\/jobs\/([A-Za-z0-9-]+)/.exec(location.hash);
-    current = m ? jobView(view, decodeURIComponent(m[1])) : overview(view);
+    current = m ? jobView(view, decodeURIComponent(m[1])) : location.hash === "#/new" ? newJobView(view) : overview(view);
     tick();
+  }
+
+  // ---- new job ----------------------------------------------------------------------------------
+
+  /** A form built from the API's own schema of a job spec (openapi.json): every field with its
+   *  default and limits; the API's 422 answers are shown beside the fields they name. */
+  function newJobView(root) {
+    document.title = "Relay · new job";
+    const form = h("form", { id: "new-job", class: "new-job", novalidate: true });
+    const message = h("div", { id: "new-job-message", class: "action-message", role: "status" });
+    root.replaceChildren(h("a", { class: "back", href: "#/" }, "← all jobs"),
+      h("section", { class: "card" }, h("h2", {}, "New job"), form, message));
+    let loaded = false;
+    const inputs = new Map(); // field -> {input, kind, error}
+
+    function kindOf(p) {
+      const t = p.type || (p.anyOf || []).map((a) => a.type).find((x) => x && x !== "null");
+      return p.enum ? "enum" : t;
+    }
+
+    function fieldFor(name, p, lists) {
+      const kind = kindOf(p);
+      const id = `field-${name}`;
+      let input;
+      if (kind === "boolean") {
+        input = h("input", { id, name, type: "checkbox", checked: p.default === true });
+      } else if (kind === "enum") {
+        input = h("select", { id, name }, ...p.enum.map((v) => h("option", { value: v, selected: v === p.default }, v)));
+      } else if (kind === "integer" || kind === "number") {
+        const num = p.type ? p : (p.anyOf || []).find((a) => a.type === kind) || {};
+        input = h("input", { id, name, type: "number", step: kind === "integer" ? 1 : "any",
+          min: num.minimum ?? num.exclusiveMinimum, max: num.maximum ?? num.exclusiveMaximum,
+          value: p.default ?? "", placeholder: p.default === null || p.default === undefined ? "default" : null });
+      } else {
+        input = h("input", { id, name, type: "text", spellcheck: "false", autocomplete: "off",
+          list: name === "train" || name === "val" ? "list-files" : null,
+          placeholder: name === "train" || name === "val" ? "a list file: choose or type a path" : (p.default ?? "")});
+      }
+      const error = h("div", { class: "field-error bad", id: `error-${name}` });
+      inputs.set(name, { input, kind, error });
+      const required = (schema.required || []).includes(name);
+      return h("div", { class: `field field-${kind}` },
+        h("label", { for: id }, name, required ? " *" : ""), input,
+        p.description ? h("div", { class: "hint" }, p.description) : null, error);
+    }
+
+    let schema = null;
+    async function refresh() {
+      if (loaded) return 60000;
+      const [openapi, datasets] = await Promise.all([api("openapi.json"), api("api/datasets")]);
+      schema = openapi.components.schemas.TrainSpec;
+      const lists = datasets.lists;
+      form.replaceChildren(
+        h("datalist", { id: "list-files" }, ...lists.map((l) => h("option", { value: l }))),
+        h("p", { class: "muted" }, lists.length
+          ? `${lists.length} list files under the data roots (${datasets.roots.join(", ")}).`
+          : datasets.roots.length ? `No list files under the data roots (${datasets.roots.join(", ")}).`
+            : "No data roots are set (RELAY_DATA_ROOTS): type the list files' paths as the scheduler sees them."),
+        h("div", { class: "fields" }, ...Object.entries(schema.properties).map(([name, p]) => fieldFor(name, p, lists))),
+        h("div", { class: "actions" }, h("button", { id: "submit-job", type: "submit" }, "Submit job")));
+      loaded = true;
+      return 60000;
+    }
+
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const body = {};
+      for (const [name, { input, kind }] of inputs) {
+        if (kind === "boolean") body[name] = input.checked;
+        else if (input.value.trim() === "") continue; // the API's default
+        else if (kind === "integer" || kind === "number") body[name] = Number(input.value);
+        else body[name] = input.value.trim();
+      }
+      for (const { error } of inputs.values()) error.textContent = "";
+      message.className = "action-message";
+      message.textContent = "submitting…";
+      try {
+        const job = await withToken(() => api("api/jobs", "POST", body));
+        location.hash = `#/jobs/${job.id}`;
+      } catch (e) {
+        message.className = "action-message bad";
+        const general = [];
+        for (const d of e.fields || []) {
+          const field = d.loc && d.loc[0] === "body" && d.loc.length > 1 ? d.loc[1] : null;
+          if (field && inputs.has(field)) inputs.get(field).error.textContent = d.msg;
+          else general.push(`${(d.loc || []).join(".")}: ${d.msg}`);
+        }
+        message.textContent = e.fields ? `not submitted: ${general.join("; ") || "see the fields marked"}` : `not submitted: ${e.message}`;
+      }
+    });
+
+    return { refresh };
   }
 
   // ---- overview ---------------------------------------------------------------------------------
@@ -296,7 +393,8 @@
         h("table", { id: "workers", class: "table" },
           h("thead", {}, h("tr", {}, h("th", {}, "worker"), h("th", {}, "queues"), h("th", {}, "doing"),
             h("th", {}, "for"), h("th", {}, "heartbeat"))), workersBody)),
-      h("section", { class: "card" }, jobsTitle,
+      h("section", { class: "card" }, h("div", { class: "card-head" }, jobsTitle,
+        h("a", { id: "new-job-link", class: "button", href: "#/new" }, "New job")),
         h("table", { id: "jobs", class: "table" },
           h("thead", {}, h("tr", {}, h("th", {}, "job"), h("th", {}, "state"), h("th", { class: "wide" }, "progress"),
             h("th", { class: "num" }, "last loss"), h("th", { class: "num" }, "ETA"), h("th", {}, "worker"),
@@ -313,9 +411,11 @@
           h("span", { class: "queue-name" }, name),
           h("span", { class: "queue-depth" }, depth === null ? "unknown" : String(depth)),
           h("span", { class: "muted" }, depth === 1 ? "message waiting" : "messages waiting"))),
-        ...(queue.broker_error ? [h("p", { class: "warn", id: "broker-error" }, queue.broker_error)] : []));
+        ...(queue.broker_error ? [h("p", { class: "warn", id: "broker-error" }, queue.broker_error)] : []),
+        ...(queue.warnings || []).map((w) => h("p", { class: "warn queue-warning", dataset: { queue: w.queue } }, w.message)));
 
-      workersTitle.textContent = `Workers (${queue.workers.length} online)`;
+      const lostWorkers = queue.lost_workers || [];
+      workersTitle.textContent = `Workers (${queue.workers.length} online${lostWorkers.length ? `, ${lostWorkers.length} lost` : ""})`;
       if (!queue.workers.length) {
         workersBody.replaceChildren(h("tr", { class: "empty" }, h("td", { colspan: 5 },
           "No worker online. Start one with ", h("code", {}, "relay worker --queues cpu"), ".")));
@@ -333,6 +433,13 @@
             h("td", { class: age > 2 * HEARTBEAT_S ? "warn" : "" }, `${age.toFixed(1)} s ago`));
         }));
       }
+      workersBody.append(...lostWorkers.map((w) => h("tr", { class: "worker-row lost", dataset: { node: w.node } },
+        h("td", {}, w.node),
+        h("td", {}, (w.queues || []).join(", ")),
+        h("td", { class: "worker-doing bad" }, "lost", w.job ? ` (was on ${w.job} ${w.chunk === "eval" ? "evaluation" : `chunk ${w.chunk}`})` : ""),
+        h("td", {}, ""),
+        h("td", { class: "bad worker-lost-at", title: fmtDateTime(w.lost_at) },
+          `no heartbeat since ${fmtClock(w.lost_at)} (${fmtDuration(queue.at - w.lost_at)} ago)`))));
 
       jobs.sort((a, b) => b.created_at - a.created_at);
       jobsTitle.textContent = `Jobs (${jobs.length})`;
@@ -343,7 +450,8 @@
         jobsBody.replaceChildren(...jobs.map((j) => {
           const why = j.reason || (ACTIVE.has(j.state) ? j.last_error : null);
           return h("tr", { class: `job-row state-${j.state}`, dataset: { id: j.id, state: j.state } },
-            h("td", {}, h("a", { class: "job-link", href: `#/jobs/${j.id}` }, j.id)),
+            h("td", {}, h("a", { class: "job-link", href: `#/jobs/${j.id}` }, j.id),
+              j.spec.name ? h("span", { class: "muted job-name" }, ` ${j.spec.name}`) : null),
             h("td", {}, stateBadge(j.state)),
             h("td", { class: "wide" }, progressBar(j, "job-progress")),
             h("td", { class: "num job-loss" }, fmtLoss(j.last_loss)),
