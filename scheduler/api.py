@@ -129,6 +129,13 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
     def job(job_id: str) -> dict[str, Any]:
         return found(lambda: control.view(resolved(job_id)))
 
+    @api.delete("/api/jobs/{job_id}", status_code=204, dependencies=[Depends(require_token)])
+    def remove(job_id: str) -> Response:
+        """Delete a job and its files; 409 while it is queued or running."""
+        job_id = resolved(job_id)
+        found(lambda: control.remove(job_id))
+        return Response(status_code=204)
+
     @api.post("/api/jobs/{job_id}/cancel", dependencies=[Depends(require_token)])
     def cancel(job_id: str) -> dict[str, Any]:
         job_id = resolved(job_id)

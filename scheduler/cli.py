@@ -264,6 +264,43 @@ def _action(verb: str) -> None:
 
 
 @main.command(epilog=JOB_HELP)
+@click.argument("job_ids", metavar="JOB...", nargs=-1, required=True)
+def rm(job_ids: tuple[str, ...]) -> None:
+    """Delete jobs with their checkpoints, weights and reports (refused while queued or running)."""
+    client = _client()
+    for ref in job_ids:
+        job = _call(client.job, ref)
+        _call(client.remove, job["id"])
+        click.echo(f"removed {job['id']}")
+
+
+def _age(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].replace(".", "", 1).isdigit():
+        raise click.BadParameter(f"{text!r}: a number and a unit, e.g. 7d, 12h, 30m")
+    return float(text[:-1]) * units[text[-1]]
+
+
+@main.command()
+@click.option("--older-than", "older_than", required=True, help="last changed this long ago: 30m, 12h, 7d, 2w")
+@click.option("--state", "states", multiple=True, default=("succeeded",), show_default=True,
+              type=click.Choice(["succeeded", "failed", "cancelled", "paused"]), help="repeatable")
+@click.option("--dry-run", is_flag=True, help="list what would go, delete nothing")
+def prune(older_than: str, states: tuple[str, ...], dry_run: bool) -> None:
+    """Delete the jobs in these states that have not changed for a while."""
+    cutoff = time.time() - _age(older_than)
+    client = _client()
+    jobs, total = _call(client.jobs, list(states), 1000)
+    old = [j for j in jobs if j["updated_at"] < cutoff]
+    for j in old:
+        if not dry_run:
+            _call(client.remove, j["id"])
+        click.echo(f"{'would remove' if dry_run else 'removed'} {j['id']} ({j['state']}, "
+                   f"last changed {time.strftime('%Y-%m-%d %H:%M', time.localtime(j['updated_at']))})")
+    click.echo(f"{len(old)} of {total} {'/'.join(states)} jobs {'would be ' if dry_run else ''}removed")
+
+
+@main.command(epilog=JOB_HELP)
 @click.argument("job_id", metavar="JOB")
 @click.option("--wait", is_flag=True, help="then follow it like `relay watch` until it ends or pauses")
 @click.option("--json", "as_json", is_flag=True)

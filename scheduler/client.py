@@ -50,7 +50,7 @@ class Client:
             raise ApiError(response.status_code, f"the Relay API failed (HTTP {response.status_code}): {_message(response)}")
         if response.status_code >= 400:
             raise ApiError(response.status_code, _message(response))
-        return response.json()
+        return None if response.status_code == 204 else response.json()
 
     def submit(self, spec: dict[str, Any], key: str | None = None) -> dict[str, Any]:
         """Submit under an idempotency key, retrying after no answer (a timeout, a dropped
@@ -85,6 +85,9 @@ class Client:
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/jobs/{job_id}")
+
+    def remove(self, job_id: str) -> None:
+        self._call("DELETE", f"/api/jobs/{job_id}")
 
     def action(self, job_id: str, verb: str) -> dict[str, Any]:
         return self._call("POST", f"/api/jobs/{job_id}/{verb}")

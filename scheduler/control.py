@@ -193,6 +193,18 @@ class Control:
         self.store.update(job_id, go)
         return self._dispatch(job_id, "resumed")
 
+    def remove(self, job_id: str) -> None:
+        """Delete a job with its checkpoints and weights; refused while it is queued or running, or
+        while a worker still trains its chunk in flight (a job paused a moment ago)."""
+        def allowed(s: JobState) -> None:
+            if s.status.active:
+                raise TransitionRefused(f"job {job_id} is {s.status.value}: pause or cancel it first")
+            holder, _ = self.guard.ask(lambda: self.leases.holder(job_id))
+            if holder:
+                raise TransitionRefused(f"job {job_id}: {holder} still trains its chunk in flight; try again when it commits")
+
+        self.store.remove(job_id, allowed)
+
     def view(self, job_id: str) -> dict[str, Any]:
         spec, state = self.store.spec(job_id), self.store.state(job_id)
         done = [h for h in state.history if h.seconds > 0]

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -221,6 +222,16 @@ class JobStore:
         if not self.jobs_dir.is_dir():
             return []
         return sorted(p.name for p in self.jobs_dir.iterdir() if JOB_ID.match(p.name) and (p / "state.json").is_file())
+
+    def remove(self, job_id: str, allowed: Callable[[JobState], None]) -> None:
+        """Delete a job and all its files. `allowed(state)` raises to refuse (checked under the
+        job's lock); the folder is renamed away first, so readers see the whole job or none."""
+        layout = self.layout(job_id)
+        with self.locked(job_id):
+            allowed(self.state(job_id))
+            gone = self.jobs_dir / f".rm-{job_id}-{secrets.token_hex(3)}"
+            os.rename(layout.root, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     @contextmanager
     def locked(self, job_id: str) -> Iterator[None]:

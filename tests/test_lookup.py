@@ -81,6 +81,19 @@ def test_not_found_not_ready_and_never(client: TestClient, tiny_data: dict[str, 
     assert client.get("/api/jobs/19990101-000000-abcdef/report").status_code == 404
 
 
+def test_delete_refused_while_active_then_frees_everything(client: TestClient, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    job = submit(client, tiny_data, name="doomed")
+    r = client.delete("/api/jobs/doomed")
+    assert r.status_code == 409 and "queued" in r.text
+    client.post("/api/jobs/doomed/cancel")
+    assert client.delete("/api/jobs/doomed").status_code == 204
+    assert client.get(f"/api/jobs/{job['id']}").status_code == 404
+    assert not (tmp_path / "storage" / "jobs" / job["id"]).exists()
+    assert [p.name for p in (tmp_path / "storage" / "jobs").iterdir() if not p.name.startswith(".lock")] == []
+    assert submit(client, tiny_data, name="doomed")["spec"]["name"] == "doomed"  # the name is free again
+    assert client.delete("/api/jobs/nosuchjob").status_code == 404
+
+
 @pytest.mark.e2e
 def test_cli_lookup_and_exit_codes(procs: Procs, tiny_data: dict[str, Path], tmp_path: Path) -> None:
     """A real scheduler (embedded: no broker, no workers); the CLI's answers and exit codes."""
@@ -118,3 +131,14 @@ def test_cli_lookup_and_exit_codes(procs: Procs, tiny_data: dict[str, Path], tmp
     listed = procs.relay("status", "--state", "paused", "--limit", "5").stdout
     assert second in listed and first not in listed
     assert procs.relay("--version").stdout.startswith("relay, version ")
+    # rm: refused while queued; prune: old enough jobs in the given states only.
+    refused = procs.relay("rm", "first", check=False)
+    assert refused.returncode == 2 and "queued" in refused.stderr
+    dry = procs.relay("prune", "--older-than", "1s", "--state", "paused", "--dry-run").stdout
+    assert f"would remove {second}" in dry and first not in dry
+    assert procs.relay("prune", "--older-than", "1w", "--state", "paused").stdout.startswith("0 of 1 ")
+    assert f"removed {second}" in procs.relay("prune", "--older-than", "1s", "--state", "paused").stdout
+    assert procs.relay("status", second, check=False).returncode == 3
+    procs.relay("cancel", "first")
+    assert procs.relay("rm", "first").stdout.strip() == f"removed {first}"
+    assert procs.relay("prune", "--older-than", "soon", check=False).returncode == 2
