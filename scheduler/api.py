@@ -13,6 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.bodylimit import BodyLimit
@@ -27,6 +28,15 @@ from worker.settings import Settings
 
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+class Extend(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(ge=1, le=10_000, description="the job's new number of epochs, above its current one")
+
+
+def _rejected(exc: SpecRejected) -> HTTPException:
+    return HTTPException(422, [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}])
 
 
 def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
@@ -98,13 +108,15 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
     def submit(spec: TrainSpec, idempotency_key: str | None = Header(
             None, description="any unique string (e.g. a UUID), up to 255 printable ASCII characters: a retry "
                               "with the same key and spec answers with the job the first try made")) -> Response:
+        """Paths (train, val, init_weights) are the scheduler's; init_weights is checked against the
+        job's model and copied into the job, with its sha256, before the job exists."""
         if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise HTTPException(422, [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
                                        "msg": "must be 1-255 printable ASCII characters (e.g. a UUID)"}])
         try:
             job_id, _, created = control.submit_once(spec, idempotency_key)
         except SpecRejected as exc:
-            raise HTTPException(422, [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}]) from exc
+            raise _rejected(exc) from exc
         except IdempotencyConflict as exc:
             raise HTTPException(422, [{"loc": ["header", "Idempotency-Key"], "msg": str(exc), "type": "value_error"}]) from exc
         return AsciiJSONResponse(control.view(job_id), status_code=201 if created else 200)
@@ -154,6 +166,17 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         found(lambda: control.resume(job_id))
         return control.view(job_id)
 
+    @api.post("/api/jobs/{job_id}/extend", dependencies=[Depends(require_token)])
+    def extend(job_id: str, body: Extend) -> dict[str, Any]:
+        """A succeeded job trains on to `epochs` from its final full-state checkpoint and is evaluated
+        again; it ends bitwise equal to the job submitted with `epochs` (409 unless succeeded)."""
+        job_id = resolved(job_id)
+        try:
+            found(lambda: control.extend(job_id, body.epochs))
+        except SpecRejected as exc:
+            raise _rejected(exc) from exc
+        return control.view(job_id)
+
     @api.get("/api/jobs/{job_id}/weights")
     def weights(job_id: str, epoch: int | None = Query(None, ge=1)) -> FileResponse:
         """404: no such job; 422: an epoch the job will never have; 409: not trained yet."""
@@ -161,9 +184,10 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         spec = found(lambda: control.store.spec(job_id))
         state = control.store.state(job_id)
         layout = control.store.layout(job_id)
-        if epoch is not None and epoch > spec.epochs:
-            raise HTTPException(422, f"job {job_id} has {spec.epochs} epochs: there will never be weights for epoch {epoch}")
-        e = epoch if epoch is not None else min(spec.epochs, state.step // state.steps_per_epoch)
+        if epoch is not None and not spec.start_epoch < epoch <= spec.epochs:
+            raise HTTPException(422, f"job {job_id} trains epochs {spec.start_epoch + 1} to {spec.epochs}: "
+                                     f"there will never be weights for epoch {epoch}")
+        e = epoch if epoch is not None else min(spec.epochs, state.start_epoch + state.step // state.steps_per_epoch)
         path = layout.weight(e)
         if e < 1 or not path.is_file():
             raise HTTPException(409, f"job {job_id} has no weights for epoch {max(e, 1)} yet "

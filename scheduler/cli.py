@@ -114,6 +114,10 @@ def spec_options(f: Any) -> Any:
         click.option("--queue", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True),
         click.option("--engine", type=click.Choice(["fast", "seed"]), default="fast", show_default=True,
                      help="fast: cached data and features, fused loss; seed: the seed's arithmetic exactly"),
+        click.option("--init-weights", "init_weights", type=click.Path(), default=None,
+                     help="start from this state_dict (the seed's format, or a weight<E>.pt); copied into the job"),
+        click.option("--start-epoch", type=click.IntRange(0), default=None,
+                     help="epochs the init weights have had: --start-epoch 21 writes weight22.pt first"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -125,7 +129,7 @@ def _spec(kw: dict[str, Any]) -> TrainSpec:
         raise click.UsageError("give --train and --val")
     fields = {k: v for k, v in kw.items() if k in TrainSpec.model_fields and v is not None}
     fields["pretrained"] = not kw["no_pretrained"]
-    for key in ("train", "val", "pretrained_path"):
+    for key in ("train", "val", "pretrained_path", "init_weights"):
         if fields.get(key):
             fields[key] = os.path.abspath(fields[key])
     try:
@@ -316,6 +320,16 @@ def resume(job_id: str, wait: bool, as_json: bool) -> None:
 
 for _verb in ("cancel", "pause"):
     _action(_verb)
+
+
+@main.command(epilog=JOB_HELP)
+@click.argument("job_id", metavar="JOB")
+@click.option("--epochs", type=click.IntRange(1), required=True, help="the job's new number of epochs")
+@click.option("--json", "as_json", is_flag=True)
+def extend(job_id: str, epochs: int, as_json: bool) -> None:
+    """Train a succeeded job on to more epochs (from its final full state) and evaluate it again."""
+    job = _call(_client().extend, job_id, epochs)
+    click.echo(json.dumps(job) if as_json else f"{job['id']}: {job['state']}, to {job['spec']['epochs']} epochs")
 
 
 @main.command(epilog=JOB_HELP)

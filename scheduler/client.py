@@ -92,6 +92,9 @@ class Client:
     def action(self, job_id: str, verb: str) -> dict[str, Any]:
         return self._call("POST", f"/api/jobs/{job_id}/{verb}")
 
+    def extend(self, job_id: str, epochs: int) -> dict[str, Any]:
+        return self._call("POST", f"/api/jobs/{job_id}/extend", json={"epochs": epochs})
+
     def report(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/jobs/{job_id}/report")
 

@@ -7,12 +7,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from scheduler.broker import QUEUES, Broker
 from scheduler.health import BrokerDown, BrokerGuard, health
 from scheduler.jobs import JobNotFound, JobState, JobStatus, JobStore, append_jsonl
 from segmodel import checkpoint
-from segmodel.errors import DataError, show_path
-from segmodel.spec import TrainSpec
+from segmodel.data import read_list
+from segmodel.errors import DataError, InitWeightsError, show_path
+from segmodel.initweights import read_init_weights
+from segmodel.spec import ChunkPlan, TrainSpec
 from worker.app import make_app
 from worker.lease import make_leases
 from worker.registry import lost, online
@@ -77,11 +81,14 @@ class Control:
         self.leases = make_leases(settings.broker_url, settings.storage, settings.lease_ttl_s)
 
     def _check_paths(self, spec: TrainSpec) -> TrainSpec:
-        """Absolute list-file paths under the allowed data roots (the files are parsed on create);
-        a local pretrained weights file must be a regular file."""
+        """Absolute list-file and init weights paths under the allowed data roots (the files are
+        parsed on create, the weights read on submit); a local pretrained weights file must be a
+        regular file."""
         update = {}
         roots = [r.resolve() for r in self.settings.data_roots]
-        for field in ("train", "val"):
+        for field in ("train", "val", "init_weights"):
+            if getattr(spec, field) is None:
+                continue
             path = _absolute(field, getattr(spec, field), self.settings.data_roots[0] if roots else Path.cwd())
             if roots and not any(path.is_relative_to(r) for r in roots):
                 raise SpecRejected(field, f"{show_path(path)} is outside the allowed data roots ({', '.join(map(str, roots))})")
@@ -136,14 +143,21 @@ class Control:
         """Create and enqueue a job: (id, state, whether it was made now). A key already used with
         the same spec answers with the job it made, and sends nothing."""
         spec = self._check_paths(spec)
+        init_state = None
+        if spec.init_weights is not None:
+            try:
+                init_state, digest = read_init_weights(Path(spec.init_weights), spec)
+            except InitWeightsError as exc:
+                raise SpecRejected("init_weights", str(exc)) from exc
+            spec = spec.model_copy(update={"init_weights_sha256": digest})
         taken = self.named(spec.name) if spec.name is not None else []
         if taken and not (idempotency_key is not None and self.store.key_job(idempotency_key) in taken):
             raise SpecRejected("name", f"{spec.name!r} is already the name of job {taken[0]} (relay rm it, or pick another)")
         try:
             if idempotency_key is None:
-                job_id, created = self.store.create(spec)[0], True
+                job_id, created = self.store.create(spec, init_state=init_state)[0], True
             else:
-                job_id, created = self.store.create_once(spec, idempotency_key)
+                job_id, created = self.store.create_once(spec, idempotency_key, init_state)
         except DataError as exc:
             field = "train" if exc.list_file is not None and str(exc.list_file) == spec.train else "val"
             raise SpecRejected(field, str(exc)) from exc
@@ -205,6 +219,43 @@ class Control:
 
         self.store.remove(job_id, allowed)
 
+    def extend(self, job_id: str, epochs: int) -> JobState:
+        """Give a succeeded job more epochs: it trains on from its final full-state checkpoint (model,
+        Adam state, RNG), so it ends as a job submitted with `epochs` would, and is evaluated again."""
+        layout = self.store.layout(job_id)
+
+        def grow(s: JobState) -> None:
+            spec = self.store.spec(job_id)
+            if s.status != JobStatus.succeeded:
+                hint = " (resume it first)" if s.status in (JobStatus.paused, JobStatus.failed, JobStatus.cancelled) else ""
+                raise TransitionRefused(f"job {job_id} is {s.status.value}; only a succeeded job can be extended{hint}")
+            if epochs <= spec.epochs:
+                raise SpecRejected("epochs", f"{epochs} is not more than the {spec.epochs} epochs job {job_id} has")
+            try:
+                new = TrainSpec.model_validate({**spec.model_dump(), "epochs": epochs, "extended_at": (*spec.extended_at, spec.epochs)})
+            except ValidationError as exc:
+                raise SpecRejected("epochs", "; ".join(e["msg"] for e in exc.errors())) from exc
+            try:
+                plan = ChunkPlan(new, len(read_list(new.train)))
+            except DataError as exc:
+                raise SpecRejected("train", str(exc)) from exc
+            if plan.steps_per_epoch != s.steps_per_epoch:
+                raise SpecRejected("train", f"{new.train} now gives {plan.steps_per_epoch} steps per epoch; job {job_id} "
+                                            f"was trained with {s.steps_per_epoch} (its training list changed)")
+            final = layout.checkpoint(s.total_steps)
+            if not checkpoint.is_valid(final):
+                raise TransitionRefused(f"job {job_id}: its final full-state checkpoint {final} is missing or corrupt; "
+                                        f"extend continues from it")
+            self.store.write_spec(job_id, new)
+            s.total_steps, s.n_chunks, s.restarts = plan.total_steps, plan.n_chunks, plan.restarts
+            s.chunk = plan.chunk_of(s.step)
+            s.attempts, s.last_error = 0, None
+            s.set_status(JobStatus.running, f"extended from {spec.epochs} to {epochs} epochs by user; "
+                                            f"continuing from step {s.step} (chunk {s.chunk})")
+
+        self.store.update(job_id, grow)
+        return self._dispatch(job_id, f"extended to {epochs} epochs")
+
     def view(self, job_id: str) -> dict[str, Any]:
         spec, state = self.store.spec(job_id), self.store.state(job_id)
         done = [h for h in state.history if h.seconds > 0]
@@ -217,6 +268,7 @@ class Control:
             "spec": spec.model_dump(),
             "progress": {"chunk": state.chunk, "n_chunks": state.n_chunks, "step": state.step,
                          "total_steps": state.total_steps, "epoch": state.epoch, "epochs": spec.epochs,
+                         "start_epoch": state.start_epoch, "steps_per_epoch": state.steps_per_epoch,
                          "fraction": state.step / state.total_steps},
             "last_loss": state.last_loss,
             "eta_s": eta,

@@ -22,10 +22,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from segmodel import checkpoint
 from segmodel.checkpoint import atomic_write_bytes
 from segmodel.data import read_list
 from segmodel.layout import JobLayout
-from segmodel.spec import ChunkPlan, TrainSpec
+from segmodel.spec import ChunkPlan, TrainSpec, chunk_of
 
 JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -75,6 +76,8 @@ class JobState(BaseModel):
     total_steps: int
     steps_per_epoch: int
     chunk_steps: int
+    start_epoch: int = 0        # epochs the init weights had; weight files and data order count on from it
+    restarts: list[int] = Field(default_factory=list)  # steps where `extend` restarted the chunk grid
     attempts: int = 0           # tries of the current chunk (or of the evaluation)
     reason: str | None = None   # why the job failed (or was stopped)
     last_error: str | None = None  # the latest retryable failure, kept for the record
@@ -92,7 +95,7 @@ class JobState(BaseModel):
 
     @property
     def epoch(self) -> float:
-        return self.step / self.steps_per_epoch
+        return self.start_epoch + self.step / self.steps_per_epoch
 
     def set_status(self, status: JobStatus, why: str, reason: str | None = None) -> None:
         """The one place status changes, recording when and why."""
@@ -102,7 +105,7 @@ class JobState(BaseModel):
 
     def rewind_to(self, step: int, why: str) -> None:
         """Go back to the chunk boundary at `step` (a checkpoint went bad): work after it is redone."""
-        self.step, self.chunk = step, step // self.chunk_steps
+        self.step, self.chunk = step, chunk_of(step, self.total_steps, self.chunk_steps, self.restarts)
         self.attempts, self.worker = 0, None
         self.note(f"{why}; continuing from step {step} (chunk {self.chunk})" + (", from scratch" if step == 0 else ""))
 
@@ -140,20 +143,26 @@ class JobStore:
         except JobNotFound:
             return False
 
-    def create(self, spec: TrainSpec, job_id: str | None = None) -> tuple[str, JobState]:
-        """Write a new job atomically: its folder appears complete or not at all."""
+    def create(self, spec: TrainSpec, job_id: str | None = None, init_state: dict[str, Any] | None = None) -> tuple[str, JobState]:
+        """Write a new job atomically: its folder appears complete or not at all. `init_state`, the
+        weights the job starts from, is saved (checksummed) into it."""
         n_train = len(read_list(spec.train))
         read_list(spec.val)
         plan = ChunkPlan(spec, n_train)
         job_id = job_id or new_job_id()
         final = self.layout(job_id).root
         state = JobState(n_chunks=plan.n_chunks, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
-                         chunk_steps=plan.chunk_steps)
+                         chunk_steps=plan.chunk_steps, start_epoch=spec.start_epoch)
         state.note(f"submitted: {spec.epochs} epochs, {plan.n_chunks} chunks of {plan.chunk_steps} steps")
+        if spec.init_weights is not None:
+            state.note(f"starts from {spec.init_weights} (sha256 {spec.init_weights_sha256}) as epoch {spec.start_epoch}, "
+                       f"copied into the job; the optimizer starts fresh")
         tmp = self.jobs_dir / f".new-{job_id}"
         tmp.mkdir(parents=True)
         tmp_layout = JobLayout(tmp)
         atomic_write_bytes(tmp_layout.spec_file, spec.model_dump_json(indent=1).encode())
+        if init_state is not None:
+            checkpoint.save(init_state, tmp_layout.init_weights)
         atomic_write_bytes(tmp_layout.state_file, state.model_dump_json(indent=1).encode())
         os.rename(tmp, final)
         return job_id, state
@@ -166,7 +175,7 @@ class JobStore:
         except (OSError, ValueError, KeyError):
             return None
 
-    def create_once(self, spec: TrainSpec, key: str) -> tuple[str, bool]:
+    def create_once(self, spec: TrainSpec, key: str, init_state: dict[str, Any] | None = None) -> tuple[str, bool]:
         """The job this idempotency key made, or a new one: (job id, whether it was made now).
 
         A key's record is written before its job and marked done after, under a lock per key: a
@@ -176,7 +185,7 @@ class JobStore:
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(key.encode()).hexdigest()
         record_file = folder / f"{name}.json"
-        wanted = spec.model_dump()
+        wanted = spec.model_dump(mode="json")  # as the record holds it (tuples as lists)
         with open(folder / f"{name}.lock", "a+") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
@@ -197,7 +206,7 @@ class JobStore:
                     record = {"key": key, "job": job_id, "spec": wanted, "at": time.time(), "done": False}
                     atomic_write_bytes(record_file, json.dumps(record).encode())
                 try:
-                    self.create(spec, job_id)
+                    self.create(spec, job_id, init_state=init_state)
                 except BaseException:
                     record_file.unlink(missing_ok=True)
                     raise
@@ -211,6 +220,10 @@ class JobStore:
         if not path.is_file():
             raise JobNotFound(job_id)
         return TrainSpec.model_validate_json(path.read_text())
+
+    def write_spec(self, job_id: str, spec: TrainSpec) -> None:
+        """Replace the spec: only `extend` does, under the job's lock, before the state follows it."""
+        atomic_write_bytes(self.layout(job_id).spec_file, spec.model_dump_json(indent=1).encode())
 
     def state(self, job_id: str) -> JobState:
         path = self.layout(job_id).state_file

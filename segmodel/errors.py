@@ -55,3 +55,7 @@ class TrainingError(RelayError):
 
 class CacheSpaceError(RelayError):
     """Too little free space where a cache must be built: retrying cannot help until space is freed."""
+
+
+class InitWeightsError(RelayError):
+    """A job's init weights file is missing, unreadable, or does not fit the job's model."""

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from segmodel import cache as caches
+from segmodel import determinism
 from segmodel.data import read_list
 from segmodel.fastloss import head_cross_entropy, single_threaded, upsample_cross_entropy
 from segmodel.spec import TrainSpec
@@ -52,11 +53,12 @@ def train_steps_fast(
     and jobs reuse them.
     """
     device = device or pick_device(spec)
+    deterministic = determinism.prepare(device, spec.freeze_backbone)
     samples = read_list(spec.train)
     layout, plan, model, optimizer = _begin(spec, job_dir, start, end, device, len(samples))
     data = caches.data_cache(samples, spec.height, spec.width, spec.num_classes, storage_cache, progress=on_progress)
     size = (spec.height, spec.width)
-    env: dict[str, Any] = {"engine": "fast", "data_cache": data.key}
+    env: dict[str, Any] = {"engine": "fast", **deterministic, "data_cache": data.key}
     feats: caches.FeatureCache | None = None
     if features_cacheable(spec, model.features):
         feats = caches.feature_cache(data, model.features, storage_cache, device, progress=on_progress)

@@ -43,6 +43,11 @@ class JobLayout:
     def predictions_file(self) -> Path:
         return self.root / "eval" / "predictions.png"
 
+    @property
+    def init_weights(self) -> Path:
+        """The job's own copy of the weights it started from (checksummed)."""
+        return self.root / "init_weights.pt"
+
     def weight(self, epoch: int) -> Path:
         return self.weights_dir / f"weight{epoch}.pt"
 

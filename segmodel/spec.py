@@ -1,10 +1,11 @@
 """A job's training spec: every setting that decides the final weights, validated once."""
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainSpec(BaseModel):
@@ -39,24 +40,92 @@ class TrainSpec(BaseModel):
         description="fast: cached data and features, fused loss (10x+); seed: the seed's arithmetic exactly. "
         "The two agree within float rounding, so a job keeps one engine for its whole life.",
     )
+    init_weights: str | None = Field(
+        None, description="a state_dict to start from (the seed's format, or a Relay weight<E>.pt); "
+        "copied into the job at submission, so the job does not depend on it afterwards",
+    )
+    init_weights_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of init_weights; filled in at submission (when given, the file must match it)",
+    )
+    start_epoch: int = Field(
+        0, ge=0, le=10_000,
+        description="epochs init_weights has had: the job trains epochs start_epoch+1..epochs, each in the data "
+        "order a job from scratch would give it, and writes weight<start_epoch+1>.pt first",
+    )
+    extended_at: tuple[int, ...] = Field(
+        (), description="where `extend` continued the job: the epochs it had ended at (set by extend)",
+    )
+
+    @model_validator(mode="after")
+    def _epochs_in_order(self) -> "TrainSpec":
+        if self.start_epoch and not self.init_weights:
+            raise ValueError("start_epoch needs init_weights (the weights those epochs trained)")
+        marks = (self.start_epoch, *self.extended_at, self.epochs)
+        if any(a >= b for a, b in zip(marks, marks[1:])):
+            raise ValueError(f"epochs {self.epochs} must be above start_epoch {self.start_epoch}"
+                             + (f" and every extended_at {list(self.extended_at)}, in order" if self.extended_at else ""))
+        return self
 
 
 class ChunkPlan:
-    """Maps a job to its steps and chunks. Chunk k covers global steps [start(k), end(k))."""
+    """Maps a job to its steps and chunks. Steps count from the job's start (step 0 is epoch
+    `start_epoch`); chunk k covers steps [start(k), end(k)). The chunk grid restarts where an
+    `extend` continued the job, so chunks trained before it keep their ranges."""
 
     def __init__(self, spec: TrainSpec, n_train: int) -> None:
         if n_train <= 0:
             raise ValueError("a job needs at least one training sample")
         self.steps_per_epoch = math.ceil(n_train / spec.batch_size)
-        self.total_steps = spec.epochs * self.steps_per_epoch
+        self.first_epoch = spec.start_epoch
+        self.total_steps = (spec.epochs - spec.start_epoch) * self.steps_per_epoch
         self.chunk_steps = spec.chunk_steps or self.steps_per_epoch
-        self.n_chunks = math.ceil(self.total_steps / self.chunk_steps)
+        self.restarts = [(e - spec.start_epoch) * self.steps_per_epoch for e in spec.extended_at]
+        self._grid = _Grid(self.total_steps, self.chunk_steps, self.restarts)
+        self.n_chunks = self._grid.n_chunks
 
     def start(self, chunk: int) -> int:
-        return min(chunk * self.chunk_steps, self.total_steps)
+        return self._grid.start(chunk)
 
     def end(self, chunk: int) -> int:
-        return min((chunk + 1) * self.chunk_steps, self.total_steps)
+        return self._grid.start(chunk + 1)
+
+    def chunk_of(self, step: int) -> int:
+        """The chunk that begins at `step` (n_chunks for the last step)."""
+        return self._grid.chunk_of(step)
 
     def epoch_of(self, step: int) -> float:
-        return step / self.steps_per_epoch
+        return self.first_epoch + step / self.steps_per_epoch
+
+    def weight_epoch(self, step: int) -> int:
+        """The epoch number a weight file written after `step` steps carries."""
+        return self.first_epoch + step // self.steps_per_epoch
+
+
+class _Grid:
+    """Chunks of `chunk_steps` over [0, total), the grid starting afresh at each restart step."""
+
+    def __init__(self, total: int, chunk_steps: int, restarts: list[int]) -> None:
+        self.total, self.chunk_steps = total, chunk_steps
+        self.bounds = [0, *restarts]
+        self.first_chunks = [0]
+        for a, b in zip(self.bounds, [*restarts, total]):
+            self.first_chunks.append(self.first_chunks[-1] + math.ceil((b - a) / chunk_steps))
+        self.n_chunks = self.first_chunks.pop()
+
+    def start(self, chunk: int) -> int:
+        if chunk >= self.n_chunks:
+            return self.total
+        i = bisect.bisect_right(self.first_chunks, chunk) - 1
+        return self.bounds[i] + (chunk - self.first_chunks[i]) * self.chunk_steps
+
+    def chunk_of(self, step: int) -> int:
+        if step >= self.total:
+            return self.n_chunks
+        i = bisect.bisect_right(self.bounds, step) - 1
+        return self.first_chunks[i] + (step - self.bounds[i]) // self.chunk_steps
+
+
+def chunk_of(step: int, total: int, chunk_steps: int, restarts: list[int]) -> int:
+    """The chunk that contains `step` in a job's chunk grid (for a job record without its spec)."""
+    return _Grid(total, chunk_steps, restarts).chunk_of(step)

@@ -18,7 +18,7 @@ from typing import Any, ContextManager
 import torch
 from torch.utils.data import DataLoader
 
-from segmodel import checkpoint
+from segmodel import checkpoint, determinism
 from segmodel.data import SegmentationDataset, epoch_order, read_list
 from segmodel.errors import CheckpointError, TrainingError
 from segmodel.layout import JobLayout
@@ -63,9 +63,19 @@ def pick_device(spec: TrainSpec) -> torch.device:
     return torch.device("cuda") if spec.queue == "gpu" and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _fresh_state(spec: TrainSpec, device: torch.device) -> tuple[SegmentationNN, torch.optim.Optimizer]:
+def _fresh_state(spec: TrainSpec, layout: JobLayout, device: torch.device) -> tuple[SegmentationNN, torch.optim.Optimizer]:
+    """Step 0: the seeded model, or the job's copy of its init weights, with a fresh optimizer (as
+    the student's manual relay had). The RNG is seeded and drawn from the same either way."""
     torch.manual_seed(spec.seed)
-    model = build_model(spec).to(device)
+    if spec.init_weights is None:
+        model = build_model(spec)
+    else:
+        model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
+        try:
+            model.load_state_dict(checkpoint.load(layout.init_weights))
+        except CheckpointError as exc:  # retrying or rolling back cannot bring it back
+            raise TrainingError(f"the job's copy of its init weights is unusable: {exc}") from exc
+    model.to(device)
     return model, model.configure_optimizers()
 
 
@@ -95,11 +105,14 @@ def _optimizer_cpu_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def _batches(plan: ChunkPlan, n: int, seed: int, batch_size: int, start: int, end: int) -> list[list[int]]:
-    """The sample indices of global steps [start, end): they depend only on (seed, epoch, step)."""
+    """The sample indices of the job's steps [start, end): they depend only on (seed, epoch, step).
+    The epoch is counted from the job's start_epoch, so a job continuing a relay at epoch 21 draws
+    epoch 22's order as a job from scratch would."""
     batches: list[list[int]] = []
     orders: dict[int, list[int]] = {}
     for g in range(start, end):
         epoch, s = divmod(g, plan.steps_per_epoch)
+        epoch += plan.first_epoch
         if epoch not in orders:
             orders[epoch] = epoch_order(n, seed, epoch).tolist()
         batches.append(orders[epoch][s * batch_size : (s + 1) * batch_size])
@@ -115,7 +128,7 @@ def _begin(
     if not 0 <= start < end <= plan.total_steps:
         raise ValueError(f"step range [{start}, {end}) outside the job's 0..{plan.total_steps}")
     if start == 0:
-        model, optimizer = _fresh_state(spec, device)
+        model, optimizer = _fresh_state(spec, layout, device)
     else:
         model, optimizer = _restore(spec, layout.checkpoint(start), device, start)
     model.train()
@@ -147,7 +160,7 @@ def _run_steps(
         optimizer.zero_grad(set_to_none=True)
         loss, n = step_loss(batch)
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss.item()} at step {g} (epoch {g // plan.steps_per_epoch + 1})")
+            raise TrainingError(f"non-finite loss {loss.item()} at step {g} (epoch {plan.weight_epoch(g) + 1})")
         loss.backward()
         with optimizer_context():
             optimizer.step()
@@ -156,7 +169,7 @@ def _run_steps(
         images += n
         done = g + 1
         if done % plan.steps_per_epoch == 0:
-            checkpoint.save(_cpu_state(model.state_dict()), layout.weight(done // plan.steps_per_epoch))
+            checkpoint.save(_cpu_state(model.state_dict()), layout.weight(plan.weight_epoch(done)))
         if on_step is not None:
             dt = time.perf_counter() - t_step
             on_step({"step": done, "epoch": plan.epoch_of(done), "loss": value, "lr": optimizer.param_groups[0]["lr"],
@@ -192,11 +205,15 @@ def train_steps(
     """Train global steps [start, end) from the full-state checkpoint at `start` (or the seed at 0).
 
     Writes weight<E>.pt for every epoch E completed in the range and the full-state checkpoint at
-    `end`, both atomically. Same spec and start state, same bits out, whichever process runs it.
+    `end`, both atomically. Same spec and start state, same bits out, whichever process runs it
+    (on CUDA: with the deterministic kernels of `segmodel.determinism`).
     """
     device = device or pick_device(spec)
+    env = {"engine": "seed", **determinism.prepare(device, spec.freeze_backbone)}
     dataset = SegmentationDataset(spec.train, spec.height, spec.width, spec.num_classes)
     layout, plan, model, optimizer = _begin(spec, job_dir, start, end, device, len(dataset))
+    # On CUDA the seed's upsample backward and loss are atomic, not reproducible: see determinism.
+    seed_kernels = determinism.use_seed_kernels(device)
     loader = DataLoader(
         dataset,
         batch_sampler=_batches(plan, len(dataset), spec.seed, spec.batch_size, start, end),
@@ -210,9 +227,10 @@ def train_steps(
     def step_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         x, y = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return model.compute_loss(x, y), x.shape[0]
+        loss = model.compute_loss(x, y) if seed_kernels else determinism.seed_loss(model, x, y)
+        return loss, x.shape[0]
 
-    return _run_steps(layout, plan, model, optimizer, device, start, end, loader, step_loss, on_step)
+    return _run_steps(layout, plan, model, optimizer, device, start, end, loader, step_loss, on_step, env)
 
 
 def chunk_range(spec: TrainSpec, chunk: int) -> tuple[int, int]:

@@ -630,15 +630,15 @@
       pause.disabled = !ACTIVE.has(job.state);
       resume.disabled = !["paused", "failed", "cancelled"].includes(job.state);
       cancel.disabled = FINAL.has(job.state);
-      const spe = p.total_steps / p.epochs;
-      const epochsDone = Math.min(p.epochs, Math.floor(p.step / spe + 1e-9));
-      if (epochSelect.options.length !== epochsDone) {
+      const first = p.start_epoch || 0;  // a job started from init weights numbers its epochs on from them
+      const epochsDone = Math.min(p.epochs, first + Math.floor(p.step / p.steps_per_epoch + 1e-9));
+      if (epochSelect.options.length !== epochsDone - first) {
         const keep = epochSelect.value;
-        const atLatest = !keep || Number(keep) === epochSelect.options.length;
-        epochSelect.replaceChildren(...Array.from({ length: epochsDone }, (_, i) => h("option", { value: i + 1 }, `epoch ${i + 1}`)));
-        epochSelect.value = atLatest || !keep ? String(epochsDone || "") : keep;
+        const atLatest = !keep || Number(keep) === first + epochSelect.options.length;
+        epochSelect.replaceChildren(...Array.from({ length: epochsDone - first }, (_, i) => h("option", { value: first + i + 1 }, `epoch ${first + i + 1}`)));
+        epochSelect.value = atLatest || !keep ? String(epochsDone > first ? epochsDone : "") : keep;
       }
-      epochSelect.hidden = epochsDone === 0;
+      epochSelect.hidden = epochsDone === first;
       updateDownload();
 
       el.settings.replaceChildren(...Object.entries(job.spec).flatMap(([k, v]) =>
@@ -653,7 +653,7 @@
     function renderCharts(job) {
       const p = job.progress;
       const points = [...metrics.values()].sort((a, b) => a.step - b.step);
-      const spe = p.total_steps / p.epochs;
+      const spe = p.steps_per_epoch;
       const strips = job.history.map((c) => ({ x0: c.start_step, x1: c.end_step, colour: colourOf(c.worker),
         title: `chunk ${c.chunk}: steps ${c.start_step}–${c.end_step} on ${c.worker} (attempt ${c.attempt})` }));
       const last = points.length ? points[points.length - 1].step : 0;
@@ -663,15 +663,15 @@
       }
       const tip = (label, fmt) => (m) => `step ${m.step} · epoch ${m.epoch.toFixed(2)} · ${label} ${fmt(m)} · chunk ${m.chunk} on ${m.worker}`;
       lineChart(el.loss, {
-        points: points.map((m) => ({ x: m.step, y: m.loss, m })), xMax: p.total_steps, spe, epochs: p.epochs, strips,
+        points: points.map((m) => ({ x: m.step, y: m.loss, m })), xMax: p.total_steps, spe, epochs: p.epochs - (p.start_epoch || 0), strips,
         smooth: true, height: 240, label: "loss", tooltip: tip("loss", (m) => m.loss.toFixed(4)), empty: "No step trained yet.",
       });
       lineChart(el.lr, {
-        points: points.map((m) => ({ x: m.step, y: m.lr, m })), xMax: p.total_steps, spe, epochs: p.epochs,
+        points: points.map((m) => ({ x: m.step, y: m.lr, m })), xMax: p.total_steps, spe, epochs: p.epochs - (p.start_epoch || 0),
         height: 150, label: "lr", tooltip: tip("lr", (m) => fmtNum(m.lr)), empty: "–",
       });
       lineChart(el.ips, {
-        points: points.map((m) => ({ x: m.step, y: m.images_per_s, m })), xMax: p.total_steps, spe, epochs: p.epochs,
+        points: points.map((m) => ({ x: m.step, y: m.images_per_s, m })), xMax: p.total_steps, spe, epochs: p.epochs - (p.start_epoch || 0),
         smooth: true, zero: true, height: 150, label: "img/s", tooltip: tip("images/s", (m) => m.images_per_s.toFixed(1)), empty: "–",
       });
       const workers = [...new Set([...job.history.map((c) => c.worker), ...points.map((m) => m.worker)])];
