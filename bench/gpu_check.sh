@@ -1,13 +1,35 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the same small job through the embedded relay on the gpu queue (CUDA) and on
-# the cpu queue, chunk speeds side by side; then bench/epoch.py on CUDA (the seed's loop and the
-# fast engine) and the fast engine's CUDA tests.  Usage: bench/gpu_check.sh [OUT_DIR]
-set -euo pipefail
+# On a CUDA machine: is each engine exact there? bench/gpu_check.py trains the same small job twice
+# per engine (in one go, and in chunks that cross epoch boundaries) on CUDA and compares the two
+# with torch.equal: one RESULT line per engine, with the device; exit status 1 if one differs.
+# It needs only the torch stack (torch, torchvision, pytorch-lightning, numpy, pillow), runs in
+# about a minute on an H200, and writes under OUT_DIR.
+#
+# RELAY_CHECK_DEVICE=cpu runs the same check on the CPU (with --size 64 it is quick).
+# RELAY_CHECK_FULL=1 then also runs the old speed checks where the whole Relay stack is installed
+# (celery, fastapi, pydantic-settings...): the job through the embedded relay on the gpu and cpu
+# queues, bench/epoch.py on CUDA and the fast engine's CUDA tests (several minutes more).
+#
+# Usage: bench/gpu_check.sh [OUT_DIR]
+set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 out=${1:-/tmp/relay-gpu-check}
+device=${RELAY_CHECK_DEVICE:-cuda}
+size=${RELAY_CHECK_SIZE:-240}
 mkdir -p "$out"
-"$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+"$py" bench/gpu_check.py --device "$device" --size "$size" --out "$out/exact"
+status=$?
+
+if [ "${RELAY_CHECK_FULL:-0}" != 1 ]; then
+  exit "$status"
+fi
+if ! "$py" -c 'import celery, fastapi, pydantic_settings, click, rich, httpx' 2>/dev/null; then
+  echo "skipped the relay and epoch speed checks: they need Relay's whole stack (celery, fastapi, pydantic-settings, ...)"
+  exit "$status"
+fi
 "$py" -m scheduler.cli data synthetic "$out/data" --train 64 --val 8 --seed 1
 for queue in gpu cpu; do
   RELAY_STORAGE="$out/storage-$queue" "$py" -m scheduler.cli run --train "$out/data/train.txt" --val "$out/data/val.txt" \
@@ -26,3 +48,4 @@ for queue in ("gpu", "cpu"):
 PY
 "$py" bench/epoch.py --device cuda --images 160 --steps 12 --fast-steps 60 --no-seed-in-worker-env --out "$out/epoch"
 "$py" -m pytest -q -p no:cacheprovider tests/test_fast.py -k "cuda or batched" 2>&1 | tail -3
+exit "$status"

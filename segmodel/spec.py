@@ -38,7 +38,9 @@ class TrainSpec(BaseModel):
     engine: Literal["fast", "seed"] = Field(
         "fast",
         description="fast: cached data and features, fused loss (10x+); seed: the seed's arithmetic exactly. "
-        "The two agree within float rounding, so a job keeps one engine for its whole life.",
+        "The two agree within float rounding, so a job keeps one engine for its whole life. Within an engine "
+        "any chunking gives torch.equal weights on one kind of device and thread count: on CPU, and on CUDA with "
+        "deterministic kernels (each chunk records `deterministic`; RELAY_CUDA_DETERMINISTIC=0 turns them off).",
     )
     init_weights: str | None = Field(
         None, description="a state_dict to start from (the seed's format, or a Relay weight<E>.pt); "

@@ -231,3 +231,38 @@ def test_ctrl_c_on_relay_run_pauses_and_attach_finishes(procs: Procs, tiny_data:
     attached = procs.relay("run", "--attach", "interrupted", timeout=300)
     assert f"job {job_id}: attached" in attached.stdout and "final weights: " in attached.stdout
     assert_equal_weights(checkpoint.load(layout.weight(3)), reference)
+
+
+def test_init_weights_and_extend_through_the_cli(cluster: Cluster, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    """A seed file starts a job at epoch 1 (`relay submit --init-weights --start-epoch`); `relay extend`
+    takes it on to 4 epochs on the workers; it ends equal to that 4-epoch job run in one go."""
+    from scheduler.control import Control
+    from segmodel.model import SegmentationNN
+    from worker.settings import Settings
+
+    torch.manual_seed(5)
+    seed_file = tmp_path / "weight1.pt"
+    torch.save(SegmentationNN(num_classes=101, height=64, width=64, pretrained=False).state_dict(), seed_file)
+    bad = tmp_path / "bad.pt"
+    torch.save({"features.0.weight": torch.zeros(1)}, bad)
+    spec = tiny_spec(tiny_data, epochs=2, init_weights=str(seed_file), start_epoch=1)
+
+    refused = cluster.procs.relay("submit", "--train", spec.train, "--val", spec.val, "--init-weights", str(bad), check=False)
+    assert refused.returncode == 2 and str(bad) in refused.stderr and "missing keys" in refused.stderr, refused.stderr
+    job_id = cluster.submit(spec, "--init-weights", str(seed_file), "--start-epoch", "1")
+    assert cluster.wait_state(job_id, ("succeeded", "failed"))["state"] == "succeeded"
+    layout = cluster.layout(job_id)
+    assert sorted(p.name for p in layout.weights_dir.glob("*.pt")) == ["weight2.pt"]
+    assert cluster.procs.relay("extend", job_id, "--epochs", "2", check=False).returncode == 2
+    assert "to 4 epochs" in cluster.procs.relay("extend", job_id, "--epochs", "4").stdout
+    job = cluster.wait_state(job_id, ("succeeded", "failed"))
+    assert job["state"] == "succeeded", job["reason"]
+    assert json.loads(cluster.procs.relay("report", job_id, "--json").stdout)["weights"] == "weight4.pt"
+    assert any("extended from 2 to 4 epochs" in e["what"] for e in job["events"])
+    assert all(h["environment"]["deterministic"] for h in job["history"])
+
+    control = Control(Settings(storage=tmp_path / "ref"))
+    ref_id, _ = control.submit(spec.model_copy(update={"epochs": 4}))
+    ref = control.store.layout(ref_id)
+    train_range(control.store.spec(ref_id), ref.root, 0, 12, cache_dir=tmp_path / "ref-cache")
+    assert_equal_weights(cluster.final_weights(job_id, 4), checkpoint.load(ref.weight(4)))

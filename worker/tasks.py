@@ -216,6 +216,9 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             s.chunk, s.step, s.attempts, s.worker = chunk + 1, record.end_step, 0, None
             s.last_loss, s.last_error = record.loss_last, None
             s.history.append(record)
+            if record.environment.get("deterministic") is False:
+                s.note(f"chunk {chunk} ran without deterministic kernels ({record.environment.get('why_not')}): "
+                       f"the job's weights are reproducible within float rounding only")
             append_jsonl(layout.commit_log, {"chunk": chunk, "start_step": record.start_step, "end_step": record.end_step,
                                              "worker": rt.settings.node, "token": token, "started_at": started, "committed_at": time.time()})
             if s.status == JobStatus.paused:
