@@ -185,8 +185,8 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         state = control.store.state(job_id)
         layout = control.store.layout(job_id)
         if epoch is not None and not spec.start_epoch < epoch <= spec.epochs:
-            raise HTTPException(422, f"job {job_id} trains epochs {spec.start_epoch + 1} to {spec.epochs}: "
-                                     f"there will never be weights for epoch {epoch}")
+            first = f" from epoch {spec.start_epoch + 1}" if spec.start_epoch else ""
+            raise HTTPException(422, f"job {job_id} has {spec.epochs} epochs{first}: there will never be weights for epoch {epoch}")
         e = epoch if epoch is not None else min(spec.epochs, state.start_epoch + state.step // state.steps_per_epoch)
         path = layout.weight(e)
         if e < 1 or not path.is_file():
