@@ -57,6 +57,7 @@ class TrainSpec(BaseModel):
     )
     extended_at: tuple[int, ...] = Field(
         (), description="where `extend` continued the job: the epochs it had ended at (set by extend)",
+        json_schema_extra={"readOnly": True},
     )
 
     @model_validator(mode="after")

@@ -342,7 +342,7 @@
           ? `${lists.length} list files under the data roots (${datasets.roots.join(", ")}).`
           : datasets.roots.length ? `No list files under the data roots (${datasets.roots.join(", ")}).`
             : "No data roots are set (RELAY_DATA_ROOTS): type the list files' paths as the scheduler sees them."),
-        h("div", { class: "fields" }, ...Object.entries(schema.properties).map(([name, p]) => fieldFor(name, p, lists))),
+        h("div", { class: "fields" }, ...Object.entries(schema.properties).filter(([, p]) => !p.readOnly).map(([name, p]) => fieldFor(name, p, lists))),
         h("div", { class: "actions" }, h("button", { id: "submit-job", type: "submit" }, "Submit job")));
       loaded = true;
       return 60000;
