@@ -470,3 +470,26 @@ def test_threads_and_worker_env() -> None:
     assert portable["ATEN_CPU_CAPABILITY"] == "avx2" and portable["MKL_CBWR"] == "AVX2" and portable["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     with pytest.raises(ValueError, match="RELAY_CPU_ISA"):
         worker_env({"RELAY_CPU_ISA": "sse"})
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+def test_fast_evaluation_equals_the_seed_path(spec: TrainSpec, runs: dict[str, Path], tmp_path: Path) -> None:
+    """The same weights scored both ways: identical reports, on a set whose argmax has no ties."""
+    from segmodel.evaluate import evaluate
+    weights = JobLayout(runs["fast"]).weight(EPOCHS)
+    model = SegmentationNN(num_classes=101, height=96, width=128, pretrained=False)
+    model.load_state_dict(torch.load(weights))
+    x, _ = caches.data_cache(spec.val, 96, 128, 101, tmp_path / "probe").batch(range(len(read_list(spec.val))))
+    with torch.no_grad():
+        top2 = model(x).topk(2, dim=1).values
+    # no ties: every pixel's best class leads by far more than float32 rounding of these logits (~1e-7)
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-6
+    stages: list[str] = []
+    seed = evaluate(spec, tmp_path / "seed", weights)
+    fast = evaluate(spec, tmp_path / "fast", weights, cache_dir=tmp_path / "cache", on_progress=lambda s, d, n: stages.append(s))
+    assert seed["path"] == "seed" and fast["path"] == "fast"
+    assert {"data", "features", "evaluate"} <= set(stages)
+    for k in ("mean_iou", "pixel_accuracy", "per_class", "classes_evaluated", "val_samples"):
+        assert fast[k] == seed[k], k
+    assert (tmp_path / "fast" / "eval" / "predictions.png").read_bytes() == (tmp_path / "seed" / "eval" / "predictions.png").read_bytes()

@@ -254,7 +254,8 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         rt.trainer.start()
         rt.registry.doing(job_id, "eval", rt.trainer.pid)
         watch = _Watch(rt, job_id, token)
-        request = {"op": "evaluate", "spec": spec.model_dump(), "job_dir": str(layout.root), "weights": str(layout.weight(spec.epochs))}
+        request = {"op": "evaluate", "spec": spec.model_dump(), "job_dir": str(layout.root), "weights": str(layout.weight(spec.epochs)),
+                   "cache_dir": str(rt.settings.caches)}
         try:
             report = rt.trainer.run(request, watch)
         except Cancelled:

@@ -160,7 +160,7 @@ def _serve() -> None:
 
                 result = train_chunk(spec, job_dir, request["chunk"], cache_dir=request["cache_dir"], on_step=on_step).to_dict()
             else:
-                result = evaluate(spec, job_dir, Path(request["weights"]))
+                result = evaluate(spec, job_dir, Path(request["weights"]), cache_dir=request.get("cache_dir"))
                 writer = open_tensorboard(job_dir, {}, purge_step=None)
                 total = ChunkPlan(spec, len(read_list(spec.train))).total_steps
                 writer.add_scalar("eval/mean_iou", result["mean_iou"], total)
