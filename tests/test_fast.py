@@ -493,3 +493,16 @@ def test_fast_evaluation_equals_the_seed_path(spec: TrainSpec, runs: dict[str, P
     for k in ("mean_iou", "pixel_accuracy", "per_class", "classes_evaluated", "val_samples"):
         assert fast[k] == seed[k], k
     assert (tmp_path / "fast" / "eval" / "predictions.png").read_bytes() == (tmp_path / "seed" / "eval" / "predictions.png").read_bytes()
+
+
+@pytest.mark.parametrize("shape", [(101, 6, 6, 240, 240), (7, 2, 3, 96, 128), (5, 1, 4, 20, 30), (3, 1, 1, 8, 8)])
+def test_upsampling_only_the_contenders_gives_the_full_argmax(shape: tuple[int, ...]) -> None:
+    from segmodel.evaluate import contenders
+    c, h, w, hh, ww = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    for scale in (0.1, 3.0, 30.0):
+        z = torch.randn(c, h, w, generator=gen) * scale
+        z[0] = z[1]  # exact ties too: argmax keeps the first
+        up = lambda t: F.interpolate(t.unsqueeze(0), size=(hh, ww), mode="bilinear", align_corners=True)[0]  # noqa: E731
+        keep = contenders(z)
+        assert torch.equal(keep[up(z[keep]).argmax(dim=0)], up(z).argmax(dim=0))
