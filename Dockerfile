@@ -32,6 +32,8 @@ COPY segmodel ./segmodel
 COPY worker ./worker
 COPY scheduler ./scheduler
 # Flower is the queue's web monitor (the `flower` service); the project itself does not import it.
+# PIP_INDEX_URL, if given, replaces PyPI for these (a mirror).
+ARG PIP_INDEX_URL
 RUN pip install --no-cache-dir . flower==2.2.0
 
 # ---- runtime: the environment, a non-root user, nothing else ------------------------------------

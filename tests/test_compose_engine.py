@@ -1,0 +1,341 @@
+"""`docker compose up` in a real Docker engine: the README's walk-through, then faults.
+
+The project's own Dockerfile and docker-compose.yml, in a copy of the checkout with a fresh .env:
+up to healthy, the README's data and submit commands, a multi-chunk job to `succeeded`, weights
+fetched through the published port with curl and loaded as the README loads them, two workers, a
+SIGKILLed worker whose chunk runs again on the other one, a warm stop mid-chunk that commits, a
+wedged worker turning unhealthy, Redis restarted with its queue kept, Flower refusing wrong
+credentials, every Relay container running as uid 10001. Removes its containers, volumes and
+images at the end.
+
+Needs a running Docker engine (root), Compose v2 or v1 (`docker-compose`), curl, and debootstrap
+where the base images cannot be pulled; `.ci/run` installs and starts them. Slow (a cold build
+installs torch): run it alone with `.venv/bin/python -m pytest -m docker`.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from conftest import IN_CI, free_port, wait_for
+from engine import ensure_base_images, project_wheelhouse, serve
+from segmodel.model import SegmentationNN
+
+ROOT = Path(__file__).resolve().parents[1]
+RELAY_SERVICES = ("scheduler", "worker", "flower")
+pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(3600)]
+
+
+def _run(args: list[str], timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and _run(["docker", "compose", "version"], 60).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose") and _run(["docker-compose", "version"], 60).returncode == 0:
+        return ["docker-compose"]
+    return None
+
+
+def engine_problem() -> str | None:
+    if shutil.which("docker") is None:
+        return "docker is not installed"
+    info = _run(["docker", "info", "--format", "{{.ServerVersion}}"], 60)
+    if info.returncode != 0:
+        return f"no Docker engine answers (dockerd not running, or not root): {info.stderr.strip()[:300]}"
+    if compose_command() is None:
+        return "neither `docker compose` nor `docker-compose` is installed"
+    if shutil.which("curl") is None:
+        return "curl is not installed"
+    return None
+
+
+def _images() -> list[str]:
+    """Every image id in the engine, intermediate ones included, newest first."""
+    return list(dict.fromkeys(_run(["docker", "images", "--all", "--quiet", "--no-trunc"], 60).stdout.split()))
+
+
+class Stack:
+    """The compose project in `folder`: compose commands there, container lookups, the API."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env = folder, env
+        self.compose_cmd = compose_command() or []
+        self.api = f"http://127.0.0.1:{env['RELAY_API_PORT']}"
+        self.flower = f"http://127.0.0.1:{env['FLOWER_PORT']}"
+        # The shell's environment overrides .env in Compose: keep .env's keys out of it.
+        self.shell_env = {k: v for k, v in os.environ.items() if k not in env}
+
+    def compose(self, *args: str, timeout: float = 600, check: bool = True, files: list[Path] | None = None) -> subprocess.CompletedProcess[str]:
+        extra = [a for f in files or [] for a in ("-f", str(f))]
+        if extra:
+            extra = ["-f", "docker-compose.yml", *extra]
+        result = _run([*self.compose_cmd, *extra, *args], timeout, cwd=self.folder, env=self.shell_env)
+        if check:
+            assert result.returncode == 0, f"{' '.join(self.compose_cmd)} {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        return result
+
+    def relay(self, *args: str, timeout: float = 120) -> str:
+        """The relay CLI inside the scheduler container, as the README runs it."""
+        return self.compose("exec", "-T", "scheduler", "relay", *args, timeout=timeout).stdout
+
+    def containers(self, service: str) -> list[str]:
+        return self.compose("ps", "-q", service).stdout.split()
+
+    @staticmethod
+    def inspect(container: str, template: str) -> str:
+        result = _run(["docker", "inspect", "-f", template, container], 60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def health(self, container: str) -> str:
+        return self.inspect(container, "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}")
+
+    def all_healthy(self, counts: dict[str, int]) -> bool:
+        for service, count in counts.items():
+            found = self.containers(service)
+            if len(found) != count or any(self.health(c) != "healthy" for c in found):
+                return False
+        return True
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(self.api + path, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.get(f"/api/jobs/{job_id}")
+
+    def wait_job(self, job_id: str, timeout: float = 900) -> dict[str, Any]:
+        job = wait_for(lambda: (j := self.job(job_id))["state"] in ("succeeded", "failed", "cancelled") and j,
+                       timeout, f"job {job_id} to end", every=1)
+        assert job["state"] == "succeeded", f"{job['state']}: {job.get('reason')}\n{self.logs()}"
+        return job
+
+    def busy_worker(self, job_id: str, chunk: int) -> str | None:
+        return next((w["node"] for w in self.get("/api/queue")["workers"] if w.get("job") == job_id and w.get("chunk") == chunk), None)
+
+    def container_of(self, node: str) -> str:
+        """A worker's node name is <hostname>.<pid>; a container's hostname is its short id."""
+        hostname = node.rsplit(".", 1)[0]
+        return next(c for c in self.containers("worker") if c.startswith(hostname))
+
+    def logs(self) -> str:
+        return self.compose("logs", "--no-color", "--tail", "40", check=False).stdout[-8000:]
+
+
+def _copy_checkout(dest: Path) -> None:
+    """What a user's clone holds: tracked files and untracked ones git does not ignore."""
+    listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], 120, cwd=ROOT)
+    assert listed.returncode == 0, f"the test copies a git checkout: {listed.stderr}"
+    for name in filter(None, listed.stdout.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def _write_env(folder: Path, run_id: str) -> dict[str, str]:
+    """.env from .env.example, as the README says: every change-me value changed; names and ports
+    of this run's own so that it clashes with nothing else on the engine."""
+    values = {
+        "COMPOSE_PROJECT_NAME": f"relaye2e{run_id}",
+        "REDIS_PASSWORD": secrets.token_hex(16),
+        "RELAY_API_TOKEN": secrets.token_hex(16),
+        "FLOWER_USER": "relay",
+        "FLOWER_PASSWORD": secrets.token_hex(16),
+        "RELAY_IMAGE": f"relay-e2e-{run_id}",
+        "RELAY_API_PORT": str(free_port()),
+        "FLOWER_PORT": str(free_port()),
+    }
+    lines = []
+    for line in (folder / ".env.example").read_text().splitlines():
+        key = line.partition("=")[0]
+        lines.append(f"{key}={values[key]}" if key in values and not line.startswith("#") else line)
+    (folder / ".env").write_text("\n".join(lines) + "\n")
+    settings = {k: v for k, _, v in (ln.partition("=") for ln in lines if ln.strip() and not ln.startswith("#"))}
+    assert not [k for k, v in settings.items() if v.startswith("change-me")], "a placeholder is left in .env"
+    return settings
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    problem = engine_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"{problem}, and CI must run the compose test in a real engine")
+        pytest.skip(problem)
+    run_id = secrets.token_hex(4)
+    folder = tmp_path / "relay"
+    _copy_checkout(folder)
+    env = _write_env(folder, run_id)
+    s = Stack(folder, env)
+    images_before = set(_images())
+    made: list[str] = []
+    try:
+        made = ensure_base_images(tmp_path)
+        yield s
+    finally:
+        print(s.logs())
+        s.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", check=False)
+        project = env["COMPOSE_PROJECT_NAME"]
+        # Tags first, then every image this run made (stand-ins, build stages, intermediate layers),
+        # newest first so that children go before their parents.
+        for image in [f"{env['RELAY_IMAGE']}:cpu", *made]:
+            _run(["docker", "rmi", image], 300)
+        for image in [i for i in _images() if i not in images_before]:
+            _run(["docker", "rmi", image], 300)
+        left = [i for i in _images() if i not in images_before]
+        left += _run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"], 60).stdout.split()
+        left += _run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}"], 60).stdout.split()
+        assert not left, f"left behind: {left}"
+
+
+def _build(s: Stack, tmp_path: Path) -> None:
+    """The compose file's own build, with the engine's network (the build reaches the host's
+    loopback) and a local index of the exact wheels instead of PyTorch's index and PyPI."""
+    compose = yaml.safe_load((s.folder / "docker-compose.yml").read_text())
+    built = [name for name, svc in compose["services"].items() if "build" in svc and not svc.get("profiles")]
+    override = tmp_path / "build.yml"
+    override.write_text(yaml.safe_dump({"services": {name: {"build": {"network": "host"}} for name in built}}))
+    index = project_wheelhouse(tmp_path / "wheels")
+    with serve(index.parent) as url:
+        s.compose("build", "--build-arg", f"TORCH_INDEX_URL={url}/simple", "--build-arg", f"PIP_INDEX_URL={url}/simple",
+                  timeout=3000, files=[override])
+
+
+def test_compose_in_docker_engine(stack: Stack, tmp_path: Path) -> None:
+    _build(stack, tmp_path)
+    walk_through(stack, tmp_path)
+
+
+def walk_through(s: Stack, tmp_path: Path) -> None:
+    image = f"{s.env['RELAY_IMAGE']}:cpu"
+    size_gb = int(_run(["docker", "image", "inspect", "-f", "{{.Size}}", image], 60).stdout) / 1e9
+    print(f"{image}: {size_gb:.2f} GB")
+
+    # ---- up, healthy, published on the loopback only ----
+    s.compose("up", "-d", timeout=900)
+    wait_for(lambda: s.all_healthy({"redis": 1, "scheduler": 1, "worker": 1, "flower": 1}), 600,
+             "redis, scheduler, worker and flower to be healthy", every=2)
+    (scheduler,) = s.containers("scheduler")
+    (flower,) = s.containers("flower")
+    assert _run(["docker", "port", scheduler, "8000"], 60).stdout.split() == [f"127.0.0.1:{s.env['RELAY_API_PORT']}"]
+    assert _run(["docker", "port", flower, "5555"], 60).stdout.split() == [f"127.0.0.1:{s.env['FLOWER_PORT']}"]
+
+    # ---- the README's data and submit commands: a multi-chunk job ----
+    s.compose("run", "--rm", "-T", "--no-deps", "--user", f"{os.getuid()}:{os.getgid()}", "-v", f"{s.folder / 'data'}:/out",
+              "worker", "relay", "data", "synthetic", "/out/syn", "--train", "48", "--val", "8", timeout=600)
+    assert (s.folder / "data" / "syn" / "train.txt").is_file() and (s.folder / "data" / "syn" / "val.txt").is_file()
+    job_id = s.relay("submit", "--train", "/data/syn/train.txt", "--val", "/data/syn/val.txt", "--epochs", "3",
+                     "--chunk-steps", "4", "--no-pretrained").strip()
+    s.relay("status")  # the README's table; the JSON form says the same
+    assert job_id in {j["id"] for j in json.loads(s.relay("status", "--json"))["jobs"]}
+    s.relay("watch", job_id, timeout=900)
+    job = s.wait_job(job_id)
+    assert [h["chunk"] for h in job["history"]] == [0, 1, 2]  # 48 samples, batch 16: 9 steps, chunks of 4
+
+    # ---- weights through the published port, loading as the README says ----
+    fetched = tmp_path / "weight3.pt"
+    curl = _run(["curl", "-fsSo", str(fetched), f"{s.api}/api/jobs/{job_id}/weights"], 120)
+    assert curl.returncode == 0, curl.stderr
+    stored = s.compose("exec", "-T", "scheduler", "cat", f"/storage/jobs/{job_id}/weights/weight3.pt.sha256").stdout
+    assert hashlib.sha256(fetched.read_bytes()).hexdigest() in stored
+    model = SegmentationNN(pretrained=False)
+    model.load_state_dict(torch.load(fetched))
+
+    # ---- every Relay container runs as uid 10001; the storage volume is theirs ----
+    def check_users() -> None:
+        for service in RELAY_SERVICES:
+            for container in s.containers(service):
+                assert s.inspect(container, "{{.Config.User}}") == "10001:10001", service
+                uids = _run(["docker", "top", container, "-eo", "uid"], 60).stdout.split()[1:]
+                assert uids and set(uids) == {"10001"}, f"{service}: processes run as {uids}"
+    check_users()
+    assert s.compose("exec", "-T", "scheduler", "stat", "-c", "%u:%g", "/storage").stdout.strip() == "10001:10001"
+
+    # ---- Flower refuses wrong credentials ----
+    assert httpx.get(f"{s.flower}/api/workers", timeout=30).status_code == 401
+    wrong = httpx.get(f"{s.flower}/api/workers", auth=(s.env["FLOWER_USER"], "wrong"), timeout=30)
+    assert wrong.status_code == 401
+    right = httpx.get(f"{s.flower}/api/workers", auth=(s.env["FLOWER_USER"], s.env["FLOWER_PASSWORD"]), timeout=30)
+    assert right.status_code == 200
+
+    # ---- two workers ----
+    s.compose("up", "-d", "--scale", "worker=2", timeout=600)
+    wait_for(lambda: s.all_healthy({"worker": 2}), 600, "two healthy workers", every=2)
+    wait_for(lambda: len(s.get("/api/queue")["workers"]) == 2, 120, "two workers online", every=1)
+    check_users()
+
+    # ---- a SIGKILLed worker's chunk runs again on the other; a warm stop mid-chunk commits ----
+    # The seed engine at full size makes chunks long enough to act in the middle of one.
+    job_id = s.relay("submit", "--train", "/data/syn/train.txt", "--val", "/data/syn/val.txt", "--epochs", "4",
+                     "--chunk-steps", "3", "--engine", "seed", "--no-pretrained").strip()
+    killed = wait_for(lambda: s.busy_worker(job_id, 1), 600, "a worker to start chunk 1", every=0.2)
+    killed_container = s.container_of(killed)
+    assert _run(["docker", "kill", "--signal", "KILL", killed_container], 60).returncode == 0
+    wait_for(lambda: s.inspect(killed_container, "{{.State.Running}}") == "false" or
+             s.inspect(killed_container, "{{.State.Restarting}}") == "true", 60, "the killed worker to die")
+
+    def chunk_committed(chunk: int) -> dict[str, Any] | None:
+        return next((h for h in s.job(job_id)["history"] if h["chunk"] == chunk), None)
+
+    again = wait_for(lambda: chunk_committed(1), 600, "chunk 1 to run again and commit", every=1)
+    assert again["worker"] != killed and again["attempt"] >= 2, again
+    assert not again["worker"].startswith(killed.rsplit(".", 1)[0]), "chunk 1 ran again in the killed container"
+
+    stopped = wait_for(lambda: s.busy_worker(job_id, 2), 600, "a worker to start chunk 2", every=0.2)
+    stopped_container = s.container_of(stopped)
+    stop_at = time.time()
+    stop = _run(["docker", "stop", "--time", "120", stopped_container], 300)  # SIGTERM: Celery's warm shutdown
+    assert stop.returncode == 0, stop.stderr
+    assert s.inspect(stopped_container, "{{.State.ExitCode}}") == "0", "the worker did not stop warm"
+    record = chunk_committed(2)
+    assert record is not None, f"the warm stop lost chunk 2\n{s.logs()}"
+    assert record["worker"] == stopped and record["attempt"] == 1
+    assert record["started_at"] < stop_at < record["ended_at"], "the stop did not land mid-chunk"
+
+    s.compose("up", "-d", "--scale", "worker=2", timeout=600)
+    job = s.wait_job(job_id)
+    assert [h["chunk"] for h in job["history"]] == [0, 1, 2, 3]
+    wait_for(lambda: s.all_healthy({"worker": 2}), 600, "two healthy workers again", every=2)
+
+    # ---- a wedged worker turns unhealthy, and healthy again once it runs ----
+    (node,) = [w["node"] for w in s.get("/api/queue")["workers"]][:1]
+    wedged = s.container_of(node)
+    pid = node.rsplit(".", 1)[1]
+    # The worker's main process, stopped: it still exists but answers nothing.
+    assert _run(["docker", "exec", wedged, "sh", "-c", f"kill -STOP {pid}"], 60).returncode == 0
+    wait_for(lambda: s.health(wedged) == "unhealthy", 300, "the wedged worker to turn unhealthy", every=2)
+    assert _run(["docker", "exec", wedged, "sh", "-c", f"kill -CONT {pid}"], 60).returncode == 0
+    wait_for(lambda: s.health(wedged) == "healthy", 300, "the worker to be healthy again", every=2)
+
+    # ---- Redis restarted keeps its queue ----
+    s.compose("stop", "worker", timeout=600)
+    job_id = s.relay("submit", "--train", "/data/syn/train.txt", "--val", "/data/syn/val.txt", "--epochs", "1",
+                     "--no-pretrained").strip()
+    wait_for(lambda: s.get("/api/queue")["queues"].get("cpu") == 1, 60, "the job's first chunk in the cpu queue", every=0.5)
+    s.compose("restart", "redis", timeout=300)
+    wait_for(lambda: s.all_healthy({"redis": 1}), 120, "redis to be healthy again", every=1)
+    # Read in Redis itself, before the reconciler would re-enqueue a lost chunk (20 s grace).
+    llen = s.compose("exec", "-T", "redis", "sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli llen cpu').stdout.strip()
+    assert llen == "1", f"redis lost its queue: llen cpu = {llen!r}"
+    s.compose("start", "worker", timeout=600)
+    job = s.wait_job(job_id)
+    assert not any("re-enqueue" in e["what"] or "reconciler" in e["what"] for e in job["events"]), job["events"]
+    wait_for(lambda: s.all_healthy({"redis": 1, "scheduler": 1, "worker": 2, "flower": 1}), 600, "all healthy at the end", every=2)
