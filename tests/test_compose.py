@@ -371,7 +371,7 @@ class LocalCompose:
         args = ["sh", "-c", test[0]] if kind == "CMD-SHELL" else test
         if args[0] == "python":
             args[0] = sys.executable
-        return subprocess.run(args, env=run_env, capture_output=True, timeout=30).returncode == 0
+        return subprocess.run(args, env=run_env, capture_output=True, timeout=180).returncode == 0
 
     def logs(self) -> str:
         out = []
