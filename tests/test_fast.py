@@ -506,3 +506,30 @@ def test_upsampling_only_the_contenders_gives_the_full_argmax(shape: tuple[int, 
         up = lambda t: F.interpolate(t.unsqueeze(0), size=(hh, ww), mode="bilinear", align_corners=True)[0]  # noqa: E731
         keep = contenders(z)
         assert torch.equal(keep[up(z[keep]).argmax(dim=0)], up(z).argmax(dim=0))
+
+
+def test_caches_hold_the_same_bytes_however_built(data: dict[str, Path], tmp_path: Path) -> None:
+    """The data cache decoded on 1 or 4 threads, the feature cache computed by torch on 1 or 3
+    threads (each in a process of its own): byte-identical files."""
+    script = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from segmodel import cache as caches
+from segmodel.model import SegmentationNN
+torch.manual_seed(0)
+model = SegmentationNN(num_classes=101, height=96, width=128, pretrained=False)
+d = caches.data_cache(sys.argv[2], 96, 128, 101, sys.argv[3], threads=int(sys.argv[4]))
+f = caches.feature_cache(d, model.features, sys.argv[3])
+print(d.path, f.path)
+"""
+    built = []
+    for threads, decoders in ((1, 1), (3, 4)):
+        proc = subprocess.run([sys.executable, "-c", script, str(threads), str(data["train"]), str(tmp_path / f"c{threads}"), str(decoders)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        built.append([Path(p) for p in proc.stdout.split()])
+    for a, b in zip(*built):
+        assert a.name == b.name  # same key
+        for name in ("images.npy", "labels.npy", "features.npy"):
+            if (a / name).exists():
+                assert (a / name).read_bytes() == (b / name).read_bytes(), name
