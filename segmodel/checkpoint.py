@@ -78,6 +78,12 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> Any:
         raise CheckpointError(f"{path}: does not load ({exc})") from exc
 
 
+def remove(path: Path) -> None:
+    """Delete a checkpoint: its checksum first, so a half-done removal reads as absent, never as valid."""
+    _sidecar(path).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
 def is_valid(path: Path) -> bool:
     try:
         verified_bytes(path)

@@ -81,7 +81,8 @@ def train_steps_fast(
     # Adam's elementwise update is split across threads in pieces whose vectorized and scalar
     # parts depend on the thread count; on one thread it is one piece everywhere.
     return _run_steps(layout, plan, model, optimizer, device, start, end, batches, step_loss, on_step, env,
-                      optimizer_context=single_threaded if device.type == "cpu" else contextlib.nullcontext)
+                      optimizer_context=single_threaded if device.type == "cpu" else contextlib.nullcontext,
+                      keep_checkpoints=spec.keep_checkpoints)
 
 
 def arithmetic(device: torch.device, *, thread_invariant: bool) -> dict[str, Any]:

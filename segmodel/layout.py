@@ -48,6 +48,11 @@ class JobLayout:
         """The job's own copy of the weights it started from (checksummed)."""
         return self.root / "init_weights.pt"
 
+    @property
+    def backbone(self) -> Path:
+        """The frozen backbone's weights, once per job: chunk checkpoints hold only what trains."""
+        return self.checkpoints_dir / "backbone.pt"
+
     def weight(self, epoch: int) -> Path:
         return self.weights_dir / f"weight{epoch}.pt"
 
@@ -60,6 +65,13 @@ class JobLayout:
             return []
         steps = [int(p.stem[4:]) for p in self.checkpoints_dir.glob("step*.pt") if p.stem[4:].isdigit()]
         return sorted(steps, reverse=True)
+
+    def prune_checkpoints(self, keep: int) -> list[int]:
+        """Delete all but the newest `keep` chunk checkpoints (file and checksum); returns their steps."""
+        gone = self.checkpoint_steps()[keep:]
+        for step in gone:
+            checkpoint.remove(self.checkpoint(step))
+        return gone
 
     def newest_good_checkpoint(self, before: int) -> int:
         """The newest step <= `before` whose checkpoint verifies; 0 (the seed) if none does."""

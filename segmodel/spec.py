@@ -35,6 +35,11 @@ class TrainSpec(BaseModel):
     pretrained_path: str | None = Field(None, description="local file with AlexNet weights")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     queue: Literal["cpu", "gpu"] = "cpu"
+    keep_checkpoints: int = Field(
+        3, ge=2, le=1_000_000,
+        description="chunk checkpoints kept on storage, the newest (at least 2: a bad one rewinds to the one "
+        "before); every weight<E>.pt is kept. Does not change training",
+    )
     engine: Literal["fast", "seed"] = Field(
         "fast",
         description="fast: cached data and features, fused loss (10x+); seed: the seed's arithmetic exactly. "

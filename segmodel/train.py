@@ -85,7 +85,7 @@ def _restore(spec: TrainSpec, path: Path, device: torch.device, step: int) -> tu
         raise CheckpointError(f"{path}: holds step {state.get('step')} (format {state.get('format')}), expected step {step}")
     # The backbone's weights come from the checkpoint: never download them again to resume.
     model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(_with_backbone(path, state))
     model.to(device)
     optimizer = model.configure_optimizers()
     optimizer.load_state_dict(state["optimizer"])
@@ -93,6 +93,35 @@ def _restore(spec: TrainSpec, path: Path, device: torch.device, step: int) -> tu
     if device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], device)
     return model, optimizer
+
+
+def _with_backbone(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The full model state: a slim checkpoint names the job's backbone file by its checksum."""
+    if "backbone_sha256" not in state:
+        return state["model"]
+    backbone = path.parent / "backbone.pt"
+    if checkpoint.verified_digest(backbone) != state["backbone_sha256"]:
+        raise CheckpointError(f"{backbone}: not the backbone {path.name} was trained with")
+    return {**checkpoint.load(backbone), **state["model"]}
+
+
+def model_state(path: Path) -> dict[str, Any]:
+    """The full model state_dict a chunk checkpoint stands for (a slim one completed from the
+    job's backbone file)."""
+    return _with_backbone(path, checkpoint.load(path))
+
+
+def _slim(layout: JobLayout, model: SegmentationNN) -> dict[str, Any]:
+    """What a chunk checkpoint must hold of the model: the trainable parameters and buffers. The
+    frozen ones never change, so they go to the job's backbone file once (~10 MB of AlexNet)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    full = _cpu_state(model.state_dict())
+    if not frozen:
+        return {"model": full}
+    if not checkpoint.is_valid(layout.backbone):
+        checkpoint.save({n: full[n] for n in sorted(frozen)}, layout.backbone)
+    return {"model": {n: t for n, t in full.items() if n not in frozen},
+            "backbone_sha256": checkpoint.verified_digest(layout.backbone)}
 
 
 def _cpu_state(sd: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +177,7 @@ def _run_steps(
     on_step: Callable[[dict[str, Any]], None] | None,
     env_extra: dict[str, Any] | None = None,
     optimizer_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+    keep_checkpoints: int | None = None,
 ) -> ChunkResult:
     """The step loop shared by every way of computing a batch's loss: `step_loss(batch)` returns
     (loss, images in the batch). Saves weight<E>.pt at each epoch end and the full state at `end`.
@@ -177,13 +207,15 @@ def _run_steps(
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": end,
-        "model": _cpu_state(model.state_dict()),
+        **_slim(layout, model),
         "optimizer": _optimizer_cpu_state(optimizer),
         "rng_cpu": torch.get_rng_state(),
     }
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     digest = checkpoint.save(state, layout.checkpoint(end))
+    if keep_checkpoints is not None:
+        layout.prune_checkpoints(keep_checkpoints)  # the start checkpoint stays: keep >= 2
     seconds = time.perf_counter() - t0
     return ChunkResult(
         start_step=start, end_step=end, epoch=plan.epoch_of(end),
@@ -230,7 +262,8 @@ def train_steps(
         loss = model.compute_loss(x, y) if seed_kernels else determinism.seed_loss(model, x, y)
         return loss, x.shape[0]
 
-    return _run_steps(layout, plan, model, optimizer, device, start, end, loader, step_loss, on_step, env)
+    return _run_steps(layout, plan, model, optimizer, device, start, end, loader, step_loss, on_step, env,
+                      keep_checkpoints=spec.keep_checkpoints)
 
 
 def chunk_range(spec: TrainSpec, chunk: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from segmodel.layout import JobLayout
 from segmodel.model import SegmentationNN
 from segmodel.spec import ChunkPlan, TrainSpec
 from segmodel.synthetic import generate
-from segmodel.train import ChunkResult, train_chunk, train_steps
+from segmodel.train import ChunkResult, model_state, train_chunk, train_steps
 
 SIZE = 64
 EPOCHS = 3
@@ -44,7 +44,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def spec(data: dict[str, Path]) -> TrainSpec:
     return TrainSpec(
         train=str(data["train"]), val=str(data["val"]), epochs=EPOCHS, batch_size=BATCH,
-        height=SIZE, width=SIZE, pretrained=False, seed=11,
+        height=SIZE, width=SIZE, pretrained=False, seed=11, keep_checkpoints=1000,  # later tests start from any of them
     )
 
 
@@ -114,7 +114,8 @@ def test_plan() -> None:
 
 def test_final_state_is_identical_three_ways(uninterrupted, per_process, small_chunks) -> None:  # type: ignore[no-untyped-def]
     ways = _ways(uninterrupted, per_process, small_chunks)
-    states = {name: checkpoint.load(JobLayout(d).checkpoint(TOTAL)) for name, d in ways.items()}
+    states = {name: {**checkpoint.load(JobLayout(d).checkpoint(TOTAL)), "model": model_state(JobLayout(d).checkpoint(TOTAL))}
+              for name, d in ways.items()}
     ref = states["uninterrupted"]
     assert ref["step"] == TOTAL
     opt_state = ref["optimizer"]["state"]
@@ -160,7 +161,7 @@ def test_epoch_weights_load_with_the_seed_code_and_are_identical(uninterrupted, 
 
 def test_epoch_weights_match_the_checkpoint_at_epoch_end(small_chunks) -> None:  # type: ignore[no-untyped-def]
     d, _ = small_chunks
-    final = checkpoint.load(JobLayout(d).checkpoint(TOTAL))["model"]
+    final = model_state(JobLayout(d).checkpoint(TOTAL))
     last = torch.load(JobLayout(d).weight(EPOCHS))
     assert final.keys() == last.keys()
     assert all(torch.equal(final[k], last[k]) for k in final)
@@ -242,7 +243,7 @@ def test_resume_from_any_checkpoint_across_boundaries(spec: TrainSpec, small_chu
     src, _ = small_chunks
     layout = JobLayout(tmp_path)
     layout.checkpoints_dir.mkdir(parents=True)
-    for name in ("step6.pt", "step6.pt.sha256"):
+    for name in ("step6.pt", "step6.pt.sha256", "backbone.pt", "backbone.pt.sha256"):
         (layout.checkpoints_dir / name).write_bytes((src / "checkpoints" / name).read_bytes())
     train_steps(spec, tmp_path, 6, TOTAL)
     got = checkpoint.load(layout.checkpoint(TOTAL))
