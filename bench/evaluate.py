@@ -36,12 +36,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--queue", choices=["cpu", "gpu"], default="cpu", help="gpu: evaluate on CUDA (both paths)")
     args = ap.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="relay-eval-bench-"))
     val = work / "val" / "train.txt"
     if not val.exists() or len(val.read_text().splitlines()) != args.images:
         generate(work / "val", args.images, seed=1)
-    spec = TrainSpec(train=str(val), val=str(val), pretrained=False)
+    spec = TrainSpec(train=str(val), val=str(val), pretrained=False, queue=args.queue)
     torch.manual_seed(0)
     weights = work / "weights.pt"
     checkpoint.save({k: v for k, v in build_model(spec).state_dict().items()}, weights)
@@ -56,7 +57,8 @@ def main() -> None:
         rows.append((name, time.perf_counter() - t0, report))
     n = args.images
     seed_s = rows[0][1]
-    print(f"{n} images, {torch.get_num_threads()} threads, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
+    device = torch.cuda.get_device_name() if args.queue == "gpu" and torch.cuda.is_available() else "cpu"
+    print(f"{n} images on {device}, {torch.get_num_threads()} threads, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'':44s} {'ms/image':>9s} {'vs seed':>8s}")
     for name, s, _ in rows:
         print(f"{name:44s} {1000 * s / n:9.1f} {seed_s / s:7.1f}x")

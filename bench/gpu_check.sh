@@ -31,6 +31,7 @@ if ! "$py" -c 'import celery, fastapi, pydantic_settings, click, rich, httpx' 2>
   exit "$status"
 fi
 "$py" -m scheduler.cli data synthetic "$out/data" --train 64 --val 8 --seed 1
+"$py" bench/evaluate.py --images 64 --queue gpu --out "$out/eval-bench"
 for queue in gpu cpu; do
   RELAY_STORAGE="$out/storage-$queue" "$py" -m scheduler.cli run --train "$out/data/train.txt" --val "$out/data/val.txt" \
     --epochs 3 --chunk-steps 2 --no-pretrained --queue "$queue" | tail -3
