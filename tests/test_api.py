@@ -158,10 +158,12 @@ def test_fuzzed_submissions_never_5xx(client: TestClient, body: dict[str, Any]) 
 
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(job_id=st.text(min_size=1, max_size=80),
-       verb=st.sampled_from(["", "/weights", "/report", "/metrics", "/predictions.png", "/cancel", "/pause", "/resume"]),
+       verb=st.sampled_from(["", "/weights", "/report", "/metrics", "/predictions.png", "/cancel", "/pause", "/resume",
+                             "DELETE"]),
        epoch=st.one_of(st.none(), st.integers(-5, 10**12), st.integers(-2**70, 2**70), st.text(max_size=5)))
 def test_fuzzed_job_routes_never_5xx(client: TestClient, job_id: str, verb: str, epoch: Any) -> None:
-    method = client.post if verb in ("/cancel", "/pause", "/resume") else client.get
+    method = client.post if verb in ("/cancel", "/pause", "/resume") else client.delete if verb == "DELETE" else client.get
+    verb = "" if verb == "DELETE" else verb
     name = {"/weights": "epoch", "/metrics": "since_step"}.get(verb)
     params = {name: epoch} if epoch is not None and name else None
     r = method(f"/api/jobs/{quote(job_id, safe='')}{verb}", params=params)
