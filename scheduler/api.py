@@ -11,7 +11,7 @@ import redis
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -178,55 +178,50 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         return control.view(job_id)
 
     @api.get("/api/jobs/{job_id}/weights")
-    def weights(job_id: str, epoch: int | None = Query(None, ge=1)) -> FileResponse:
+    def weights(job_id: str, epoch: int | None = Query(None, ge=1)) -> Response:
         """404: no such job; 422: an epoch the job will never have; 409: not trained yet."""
         job_id = resolved(job_id)
         spec = found(lambda: control.store.spec(job_id))
         state = control.store.state(job_id)
-        layout = control.store.layout(job_id)
         if epoch is not None and not spec.start_epoch < epoch <= spec.epochs:
             first = f" from epoch {spec.start_epoch + 1}" if spec.start_epoch else ""
             raise HTTPException(422, f"job {job_id} has {spec.epochs} epochs{first}: there will never be weights for epoch {epoch}")
         e = epoch if epoch is not None else min(spec.epochs, state.start_epoch + state.step // state.steps_per_epoch)
-        path = layout.weight(e)
-        if e < 1 or not path.is_file():
+        data = control.store.read(job_id, f"weights/weight{e}.pt") if e >= 1 else None
+        if data is None:
             raise HTTPException(409, f"job {job_id} has no weights for epoch {max(e, 1)} yet "
                                      f"({state.status.value}, at epoch {state.epoch:.2f} of {spec.epochs})")
-        return FileResponse(path, media_type="application/octet-stream", filename=f"weight{e}.pt")
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="weight{e}.pt"'})
 
     @api.get("/api/jobs/{job_id}/report")
     def report(job_id: str) -> dict[str, Any]:
         """404: no such job; 409: no evaluation yet."""
         job_id = resolved(job_id)
-        layout = found(lambda: control.store.layout(job_id))
         state = found(lambda: control.store.state(job_id))
-        if not layout.report_file.is_file():
+        data = control.store.read(job_id, "eval/report.json")
+        if data is None:
             raise HTTPException(409, f"job {job_id} has no evaluation yet ({state.status.value})")
-        return {**json.loads(layout.report_file.read_text()), "predictions_url": f"/api/jobs/{job_id}/predictions.png"}
+        return {**json.loads(data), "predictions_url": f"/api/jobs/{job_id}/predictions.png"}
 
     @api.get("/api/jobs/{job_id}/predictions.png")
-    def predictions(job_id: str) -> FileResponse:
+    def predictions(job_id: str) -> Response:
         job_id = resolved(job_id)
-        layout = found(lambda: control.store.layout(job_id))
-        if not layout.predictions_file.is_file():
+        found(lambda: control.store.layout(job_id))
+        data = control.store.read(job_id, "eval/predictions.png")
+        if data is None:
             raise HTTPException(404, f"job {job_id} has no prediction picture yet")
-        return FileResponse(layout.predictions_file, media_type="image/png")
+        return Response(data, media_type="image/png")
 
     @api.get("/api/jobs/{job_id}/metrics")
     def metrics(job_id: str, since_step: int = Query(0, ge=0)) -> list[dict[str, Any]]:
         """Per-step metrics; a step trained twice (a retried chunk) appears once, the latest."""
         job_id = resolved(job_id)
-        layout = found(lambda: control.store.layout(job_id))
         found(lambda: control.store.state(job_id))
         by_step: dict[int, dict[str, Any]] = {}
-        if layout.metrics_file.is_file():
-            for line in layout.metrics_file.read_text().splitlines():
-                try:
-                    m = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a killed trainer
-                if m.get("step", 0) > since_step:
-                    by_step[m["step"]] = m
+        for m in control.store.records(job_id, "metrics"):
+            if m.get("step", 0) > since_step:
+                by_step[m["step"]] = m
         return [by_step[k] for k in sorted(by_step)]
 
     @api.get("/api/datasets")

@@ -32,7 +32,7 @@ EXIT_CODES = """Exit codes:
   1  the job failed or was cancelled (watch, run)
   2  bad input (a spec, a list file, a refused change, an ambiguous JOB, an epoch the job will never have)
   3  no such job
-  4  unreachable: nothing answered at RELAY_API_URL (or, for scheduler and worker, RELAY_BROKER_URL at start)
+  4  unreachable: nothing answered at RELAY_API_URL (or, for scheduler and worker, RELAY_BROKER_URL or RELAY_STORAGE at start)
   5  infrastructure trouble: the API answered 5xx (broker or storage down, or an internal error)
   6  not ready yet: no evaluation yet, or that epoch not trained yet (report, fetch)
   7  the job is paused (watch, run)"""
@@ -43,10 +43,15 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _check_broker(settings: Settings) -> None:
-    """Bad broker settings stop the start with the setting named, instead of Celery retrying forever."""
+def _check_settings(settings: Settings) -> None:
+    """Bad storage or broker settings stop the start with the setting named, instead of a retry loop."""
+    from segmodel.storage import StorageError, check_before_fork
     from worker import redis_url
 
+    try:
+        check_before_fork(settings.storage)
+    except StorageError as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
     if settings.broker_url:
         try:
             redis_url.check(settings.broker_url)
@@ -362,7 +367,7 @@ def worker(queues: str, name: str | None, loglevel: str) -> None:
 
     settings = Settings()
     click.echo(f"relay worker {node}: {_where(settings, queue_list)}", err=True)
-    _check_broker(settings)
+    _check_settings(settings)
     _warn_empty_embedded(settings)
     argv = ["worker", "-Q", ",".join(queue_list), "-n", f"relay@{node}", "-c", "1", "-P", "prefork", f"--loglevel={loglevel}"]
     if settings.embedded:
@@ -387,7 +392,7 @@ def scheduler(host: str | None, port: int | None, access_log: bool) -> None:
     host, port = host or settings.host, port or settings.port
     url_host = f"[{host}]" if ":" in host else host
     click.echo(f"relay scheduler: {_where(settings, list(QUEUES))}; dashboard and API at http://{url_host}:{port}/", err=True)
-    _check_broker(settings)
+    _check_settings(settings)
     control = Control(settings)
     app = make_api(settings, control)
     reconciler = Reconciler(control.store, control.broker, control.leases, settings.reconcile_interval_s, settings.reconcile_grace_s)

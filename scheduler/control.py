@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from scheduler.broker import QUEUES, Broker
 from scheduler.health import BrokerDown, BrokerGuard, health
-from scheduler.jobs import JobNotFound, JobState, JobStatus, JobStore, append_jsonl
+from scheduler.jobs import JobNotFound, JobState, JobStatus, JobStore
 from segmodel import checkpoint
 from segmodel.data import read_list
 from segmodel.errors import DataError, InitWeightsError, show_path
@@ -192,15 +192,14 @@ class Control:
 
     def resume(self, job_id: str) -> JobState:
         """Continue a paused, failed or cancelled job from its last good checkpoint."""
-        layout = self.store.layout(job_id)
-
         def go(s: JobState) -> None:
             if s.status not in (JobStatus.paused, JobStatus.failed, JobStatus.cancelled):
                 raise TransitionRefused(f"job {job_id} is {s.status.value}; only paused, failed or cancelled jobs resume")
-            if s.step > 0 and not checkpoint.is_valid(layout.checkpoint(s.step)):
+            if s.step > 0 and self.store.checkpoint_digest(job_id, s.step) is None:
                 why = f"checkpoint at step {s.step} is missing or corrupt"
-                s.rewind_to(layout.newest_good_checkpoint(before=s.step), why)
-                append_jsonl(layout.commit_log, {"rewind_to_chunk": s.chunk, "step": s.step, "at": time.time(), "why": why})
+                s.rewind_to(self.store.newest_good_checkpoint(job_id, before=s.step), why)
+                self.store.log(job_id, {"rewind_to_chunk": s.chunk, "step": s.step, "at": time.time(), "why": why},
+                               f"c{s.chunk:05d}.rewind{len(s.events)}")
             s.attempts, s.last_error = 0, None
             s.set_status(JobStatus.running if s.history else JobStatus.queued, f"resumed by user at chunk {s.chunk}")
 
@@ -222,8 +221,6 @@ class Control:
     def extend(self, job_id: str, epochs: int) -> JobState:
         """Give a succeeded job more epochs: it trains on from its final full-state checkpoint (model,
         Adam state, RNG), so it ends as a job submitted with `epochs` would, and is evaluated again."""
-        layout = self.store.layout(job_id)
-
         def grow(s: JobState) -> None:
             spec = self.store.spec(job_id)
             if s.status != JobStatus.succeeded:
@@ -242,9 +239,8 @@ class Control:
             if plan.steps_per_epoch != s.steps_per_epoch:
                 raise SpecRejected("train", f"{new.train} now gives {plan.steps_per_epoch} steps per epoch; job {job_id} "
                                             f"was trained with {s.steps_per_epoch} (its training list changed)")
-            final = layout.checkpoint(s.total_steps)
-            if not checkpoint.is_valid(final):
-                raise TransitionRefused(f"job {job_id}: its final full-state checkpoint {final} is missing or corrupt; "
+            if self.store.checkpoint_digest(job_id, s.total_steps) is None:
+                raise TransitionRefused(f"job {job_id}: its final full-state checkpoint (step {s.total_steps}) is missing or corrupt; "
                                         f"extend continues from it")
             self.store.write_spec(job_id, new)
             s.total_steps, s.n_chunks, s.restarts = plan.total_steps, plan.n_chunks, plan.restarts
@@ -281,15 +277,15 @@ class Control:
             "updated_at": state.updated_at,
             "history": [h.model_dump() for h in state.history],
             "events": [e.model_dump() for e in state.events],
-            "has_report": self.store.layout(job_id).report_file.is_file(),
+            "has_report": self.store.backend.exists(f"jobs/{job_id}/eval/report.json"),
         }
 
     def queue(self) -> dict[str, Any]:
         """Queue depths from the broker (None each, with the reason, while it is down); workers from storage."""
         depths, broker_error = self.guard.ask(self.broker.depths)
-        workers = online(self.settings.storage)
+        workers = online(self.store.backend)
         return {"queues": depths if depths is not None else dict.fromkeys(QUEUES), "broker_error": broker_error,
-                "workers": workers, "lost_workers": lost(self.settings.storage),
+                "workers": workers, "lost_workers": lost(self.store.backend),
                 "warnings": _unserved(depths or {}, workers), "at": time.time()}
 
     def health(self) -> dict[str, Any]:

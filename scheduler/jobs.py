@@ -1,8 +1,8 @@
 """The job store on shared storage, the source of truth: spec (immutable) and state per job.
 
-Every state change is a read-modify-write under an exclusive lock on the job's folder, written to
-a temporary name and renamed, so concurrent workers and the scheduler never lose an update and a
-reader never sees a partial file.
+Every state change is a compare-and-set on the job's state object (a conditional PUT on an object
+store), so concurrent workers and the scheduler never lose an update, and every write is whole, so
+a reader never sees a partial one.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -23,10 +24,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from segmodel import checkpoint
-from segmodel.checkpoint import atomic_write_bytes
 from segmodel.data import read_list
+from segmodel.errors import CheckpointError
 from segmodel.layout import JobLayout
 from segmodel.spec import ChunkPlan, TrainSpec, chunk_of
+from segmodel.storage import KeyRefused, LocalStorage, ObjectNotFound, Storage, StorageError, open_storage
 
 JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -127,52 +129,70 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    def __init__(self, storage: Path) -> None:
-        self.storage = Path(storage)
-        self.jobs_dir = self.storage / "jobs"
+    """Specs and states on a Storage (a local folder or an object store).
+
+    `update` is a compare-and-set on the state object, re-read and re-applied on a conflict. On a
+    local folder the job's lock also serializes writers, so a change runs once there.
+    """
+
+    MAX_CONFLICTS = 50
+
+    def __init__(self, storage: Path | str | Storage) -> None:
+        self.backend = storage if isinstance(storage, Storage) else open_storage(storage)
+        self.storage = Path(self.backend.url) if isinstance(self.backend, LocalStorage) else self.backend.url
+        self.jobs_dir = Path(self.storage) / "jobs"
+
+    @staticmethod
+    def _key(job_id: str, name: str) -> str:
+        if not JOB_ID.match(job_id):
+            raise JobNotFound(job_id)
+        return f"jobs/{job_id}/{name}"
 
     def layout(self, job_id: str) -> JobLayout:
         # Ids become paths: nothing may escape the storage root, by name or by a planted symlink.
-        if not JOB_ID.match(job_id) or not (self.jobs_dir / job_id).resolve().is_relative_to(self.jobs_dir.resolve()):
-            raise JobNotFound(job_id)
-        return JobLayout(self.jobs_dir / job_id)
+        key = self._key(job_id, "state.json").rsplit("/", 1)[0]
+        if isinstance(self.backend, LocalStorage):
+            try:
+                root = self.backend.path(key)
+            except KeyRefused:
+                raise JobNotFound(job_id) from None
+            if not root.resolve().is_relative_to(self.jobs_dir.resolve()):
+                raise JobNotFound(job_id)
+            return JobLayout(root)
+        return JobLayout(Path(key))
 
     def exists(self, job_id: str) -> bool:
         try:
-            return self.layout(job_id).state_file.is_file()
-        except JobNotFound:
+            return self.backend.exists(self._key(job_id, "state.json"))
+        except (JobNotFound, KeyRefused):
             return False
 
     def create(self, spec: TrainSpec, job_id: str | None = None, init_state: dict[str, Any] | None = None) -> tuple[str, JobState]:
-        """Write a new job atomically: its folder appears complete or not at all. `init_state`, the
-        weights the job starts from, is saved (checksummed) into it."""
+        """Write a new job: the spec once, then the weights it starts from (`init_state`,
+        checksummed) if any, then the state, whose presence makes the job exist."""
         n_train = len(read_list(spec.train))
         read_list(spec.val)
         plan = ChunkPlan(spec, n_train)
         job_id = job_id or new_job_id()
-        final = self.layout(job_id).root
+        self.layout(job_id)
         state = JobState(n_chunks=plan.n_chunks, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
                          chunk_steps=plan.chunk_steps, start_epoch=spec.start_epoch)
         state.note(f"submitted: {spec.epochs} epochs, {plan.n_chunks} chunks of {plan.chunk_steps} steps")
         if spec.init_weights is not None:
             state.note(f"starts from {spec.init_weights} (sha256 {spec.init_weights_sha256}) as epoch {spec.start_epoch}, "
                        f"copied into the job; the optimizer starts fresh")
-        tmp = self.jobs_dir / f".new-{job_id}"
-        tmp.mkdir(parents=True)
-        tmp_layout = JobLayout(tmp)
-        atomic_write_bytes(tmp_layout.spec_file, spec.model_dump_json(indent=1).encode())
+        if self.backend.put_if_absent(self._key(job_id, "job.json"), spec.model_dump_json(indent=1).encode()) is None:
+            raise FileExistsError(f"job {job_id} already exists")
         if init_state is not None:
-            checkpoint.save(init_state, tmp_layout.init_weights)
-        atomic_write_bytes(tmp_layout.state_file, state.model_dump_json(indent=1).encode())
-        os.rename(tmp, final)
+            self.backend.put_checked(self._key(job_id, "init_weights.pt"), checkpoint.to_bytes(init_state))
+        self.backend.put(self._key(job_id, "state.json"), state.model_dump_json(indent=1).encode())
         return job_id, state
 
     def key_job(self, key: str) -> str | None:
         """The job an idempotency key made, if any."""
-        record_file = self.storage / "idempotency" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
         try:
-            return json.loads(record_file.read_text())["job"]
-        except (OSError, ValueError, KeyError):
+            return json.loads(self.backend.get(f"idempotency/{hashlib.sha256(key.encode()).hexdigest()}.json"))["job"]
+        except (ObjectNotFound, ValueError, KeyError):
             return None
 
     def create_once(self, spec: TrainSpec, key: str, init_state: dict[str, Any] | None = None) -> tuple[str, bool]:
@@ -181,77 +201,130 @@ class JobStore:
         A key's record is written before its job and marked done after, under a lock per key: a
         retried or concurrent submit finds the job instead of making another, a create cut short
         is finished by the next try, and a failed one (bad data) leaves no record behind."""
-        folder = self.storage / "idempotency"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(key.encode()).hexdigest()
-        record_file = folder / f"{name}.json"
+        record_key = f"idempotency/{hashlib.sha256(key.encode()).hexdigest()}.json"
         wanted = spec.model_dump(mode="json")  # as the record holds it (tuples as lists)
-        with open(folder / f"{name}.lock", "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with self.backend.locked(record_key):
             try:
-                if record_file.is_file():
-                    record = json.loads(record_file.read_text())
-                    job_id = record["job"]
-                    if record["spec"] != wanted:
-                        changed = ", ".join(f"{k}: {wanted.get(k)!r} here, {record['spec'].get(k)!r} there"
-                                            for k in sorted(set(wanted) | set(record["spec"]))
-                                            if wanted.get(k) != record["spec"].get(k))
-                        raise IdempotencyConflict(f"Idempotency-Key {key!r} already made job {job_id} from another spec ({changed})")
-                    if self.exists(job_id):
-                        return job_id, False
-                    if record["done"]:
-                        raise IdempotencyConflict(f"Idempotency-Key {key!r} made job {job_id}, which no longer exists")
-                else:
-                    job_id = new_job_id()
-                    record = {"key": key, "job": job_id, "spec": wanted, "at": time.time(), "done": False}
-                    atomic_write_bytes(record_file, json.dumps(record).encode())
-                try:
-                    self.create(spec, job_id, init_state=init_state)
-                except BaseException:
-                    record_file.unlink(missing_ok=True)
-                    raise
-                atomic_write_bytes(record_file, json.dumps({**record, "done": True}).encode())
-                return job_id, True
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                record = json.loads(self.backend.get(record_key))
+            except ObjectNotFound:
+                record = {"key": key, "job": new_job_id(), "spec": wanted, "at": time.time(), "done": False}
+                if self.backend.put_if_absent(record_key, json.dumps(record).encode()) is None:
+                    record = json.loads(self.backend.get(record_key))  # a concurrent submit wrote it first
+            job_id = record["job"]
+            if record["spec"] != wanted:
+                changed = ", ".join(f"{k}: {wanted.get(k)!r} here, {record['spec'].get(k)!r} there"
+                                    for k in sorted(set(wanted) | set(record["spec"]))
+                                    if wanted.get(k) != record["spec"].get(k))
+                raise IdempotencyConflict(f"Idempotency-Key {key!r} already made job {job_id} from another spec ({changed})")
+            if self.exists(job_id):
+                return job_id, False
+            if record["done"]:
+                raise IdempotencyConflict(f"Idempotency-Key {key!r} made job {job_id}, which no longer exists")
+            try:
+                self.create(spec, job_id, init_state=init_state)
+            except FileExistsError:
+                return job_id, False  # a concurrent submit with this key is creating it
+            except BaseException:
+                self.backend.delete(record_key)
+                raise
+            self.backend.put(record_key, json.dumps({**record, "done": True}).encode())
+            return job_id, True
 
     def spec(self, job_id: str) -> TrainSpec:
-        path = self.layout(job_id).spec_file
-        if not path.is_file():
-            raise JobNotFound(job_id)
-        return TrainSpec.model_validate_json(path.read_text())
+        try:
+            return TrainSpec.model_validate_json(self.backend.get(self._key(job_id, "job.json")))
+        except (ObjectNotFound, KeyRefused):
+            raise JobNotFound(job_id) from None
+
+    def _read_state(self, job_id: str) -> tuple[JobState, str]:
+        try:
+            data, version = self.backend.get_versioned(self._key(job_id, "state.json"))
+        except (ObjectNotFound, KeyRefused):
+            raise JobNotFound(job_id) from None
+        return JobState.model_validate_json(data), version
 
     def write_spec(self, job_id: str, spec: TrainSpec) -> None:
         """Replace the spec: only `extend` does, under the job's lock, before the state follows it."""
-        atomic_write_bytes(self.layout(job_id).spec_file, spec.model_dump_json(indent=1).encode())
+        self.backend.put(self._key(job_id, "job.json"), spec.model_dump_json(indent=1).encode())
 
     def state(self, job_id: str) -> JobState:
-        path = self.layout(job_id).state_file
-        if not path.is_file():
-            raise JobNotFound(job_id)
-        return JobState.model_validate_json(path.read_text())
+        return self._read_state(job_id)[0]
 
     def ids(self) -> list[str]:
-        if not self.jobs_dir.is_dir():
-            return []
-        return sorted(p.name for p in self.jobs_dir.iterdir() if JOB_ID.match(p.name) and (p / "state.json").is_file())
+        return [j for j in self.backend.children("jobs") if JOB_ID.match(j) and self.exists(j)]
 
     def remove(self, job_id: str, allowed: Callable[[JobState], None]) -> None:
         """Delete a job and all its files. `allowed(state)` raises to refuse (checked under the
-        job's lock); the folder is renamed away first, so readers see the whole job or none."""
+        job's lock); the job disappears at once (its folder renamed away, or on an object store its
+        state object deleted first), so readers see the whole job or none."""
         layout = self.layout(job_id)
-        with self.locked(job_id):
+        with self._serialized(job_id):
             allowed(self.state(job_id))
-            gone = self.jobs_dir / f".rm-{job_id}-{secrets.token_hex(3)}"
-            os.rename(layout.root, gone)
-        shutil.rmtree(gone, ignore_errors=True)
+            if isinstance(self.backend, LocalStorage):
+                gone = self.jobs_dir / f".rm-{job_id}-{secrets.token_hex(3)}"
+                os.rename(layout.root, gone)
+            else:
+                self.backend.delete(self._key(job_id, "state.json"))
+        if isinstance(self.backend, LocalStorage):
+            shutil.rmtree(gone, ignore_errors=True)
+        else:
+            for key in self.backend.list(f"jobs/{job_id}"):
+                self.backend.delete(key)
+
+    # A job's other files, by their name under the job ("weights/weight3.pt"), on either backend.
+    def read(self, job_id: str, name: str) -> bytes | None:
+        try:
+            return self.backend.get(self._key(job_id, name))
+        except (ObjectNotFound, KeyRefused):
+            return None
+
+    def checkpoint_digest(self, job_id: str, step: int) -> str | None:
+        """The sha256 of the step's checkpoint if it is complete and verifies, else None."""
+        try:
+            return self.backend.get_checked(self._key(job_id, f"checkpoints/step{step}.pt"))[1]
+        except CheckpointError:
+            return None
+
+    def newest_good_checkpoint(self, job_id: str, before: int) -> int:
+        """The newest step <= `before` whose checkpoint verifies; 0 (the seed) if none does."""
+        names = (k.rsplit("/", 1)[-1] for k in self.backend.list(self._key(job_id, "checkpoints")))
+        steps = sorted((int(n[4:-3]) for n in names if n.startswith("step") and n.endswith(".pt") and n[4:-3].isdigit()), reverse=True)
+        return next((s for s in steps if s <= before and self.checkpoint_digest(job_id, s) is not None), 0)
+
+    def log(self, job_id: str, record: dict[str, Any], name: str) -> None:
+        """Add a record to the job's commit log: a line of commits.jsonl in a folder, an object of its
+        own (commits/<name>.json, written whole, the same name on a retry) on an object store."""
+        if isinstance(self.backend, LocalStorage):
+            append_jsonl(self.layout(job_id).commit_log, record)
+        else:
+            self.backend.put(self._key(job_id, f"commits/{name}.json"), json.dumps(record).encode())
+
+    def records(self, job_id: str, log: str) -> list[dict[str, Any]]:
+        """The records of "commits" or "metrics": the .jsonl file in a folder, plus the objects under
+        <log>/ (one per commit, or per chunk's metrics), in name order."""
+        lines: list[str] = []
+        whole = self.read(job_id, f"{log}.jsonl")
+        if whole is not None:
+            lines += whole.decode().splitlines()
+        for key in self.backend.list(self._key(job_id, log)):
+            try:
+                lines += self.backend.get(key).decode().splitlines()
+            except ObjectNotFound:
+                continue
+        found = []
+        for line in lines:
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line from a killed writer
+        return found
 
     @contextmanager
-    def locked(self, job_id: str) -> Iterator[None]:
-        layout = self.layout(job_id)
-        if not layout.state_file.is_file():
-            raise JobNotFound(job_id)
-        with open(layout.root / ".lock", "a+") as f:
+    def _serialized(self, job_id: str) -> Iterator[None]:
+        if not isinstance(self.backend, LocalStorage):
+            yield  # the conditional PUT alone decides
+            return
+        with open(self.layout(job_id).root / ".lock", "a+") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -259,16 +332,22 @@ class JobStore:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def update(self, job_id: str, change: Callable[[JobState], Any]) -> tuple[JobState, Any]:
-        """Apply `change` to the state under the job's lock; it returns a value (e.g. whether it
-        applied). The state is written back only if `change` modified it."""
-        with self.locked(job_id):
-            state = self.state(job_id)
-            before = state.model_dump_json()
-            result = change(state)
-            if state.model_dump_json() != before:
+        """Apply `change` to the state; it returns a value (e.g. whether it applied). The state is
+        written back, conditional on being unchanged since read, only if `change` modified it."""
+        if not self.exists(job_id):
+            raise JobNotFound(job_id)
+        with self._serialized(job_id):
+            for conflict in range(self.MAX_CONFLICTS):
+                state, version = self._read_state(job_id)
+                before = state.model_dump_json()
+                result = change(state)
+                if state.model_dump_json() == before:
+                    return state, result
                 state.updated_at = time.time()
-                atomic_write_bytes(self.layout(job_id).state_file, state.model_dump_json(indent=1).encode())
-            return state, result
+                if self.backend.put_if_match(self._key(job_id, "state.json"), state.model_dump_json(indent=1).encode(), version):
+                    return state, result
+                time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** conflict)))  # another writer won: back off, redo
+        raise StorageError(f"job {job_id}: state kept changing under {self.MAX_CONFLICTS} tries to update it")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

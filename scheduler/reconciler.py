@@ -24,7 +24,7 @@ def reconcile_once(store: JobStore, broker: Broker, leases: Leases, grace_s: flo
     """One pass; returns the ids of the jobs it re-enqueued."""
     now = time.time()
     waiting = broker.waiting_jobs()
-    busy = {w["job"] for w in online(store.storage) if w.get("job")}
+    busy = {w["job"] for w in online(store.backend) if w.get("job")}
     revived = []
     for job_id in store.ids():
         try:

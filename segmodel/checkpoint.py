@@ -27,15 +27,19 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def save(obj: Any, path: Path) -> str:
     """torch.save obj to path atomically; the sha256 goes to a sidecar written after the file.
 
     A crash between the two leaves a file without a checksum, which counts as absent, so a
     checkpoint is only ever used once it is complete and verified.
     """
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
+    data = to_bytes(obj)
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path, data)
     atomic_write_bytes(_sidecar(path), f"{digest}  {path.name}\n".encode())

@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime
 import fcntl
 import hashlib
+import multiprocessing
 import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +29,10 @@ class StorageError(RelayError):
     """Storage cannot be reached or used as configured; the message names the setting at fault."""
 
 
+class KeyRefused(StorageError):
+    """A key that is malformed or would lead outside the storage root."""
+
+
 class ObjectNotFound(StorageError, FileNotFoundError):
     def __init__(self, key: str, where: str) -> None:
         super().__init__(f"{where}: no object {key!r}")
@@ -37,7 +43,7 @@ def check_key(key: str) -> str:
     """Keys are relative and plain: no '..', no hidden names, nothing that escapes the root."""
     parts = key.split("/")
     if not key or not all(_SEGMENT.match(p) for p in parts):
-        raise StorageError(f"invalid storage key {key!r}")
+        raise KeyRefused(f"invalid storage key {key!r}")
     return key
 
 
@@ -68,6 +74,10 @@ class Storage(ABC):
         """Every key under the folder `prefix` (recursive), sorted."""
 
     @abstractmethod
+    def children(self, prefix: str) -> list[str]:
+        """Names of the sub-folders directly under the folder `prefix`, sorted (one LIST, not a walk)."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; absent is fine."""
 
@@ -89,6 +99,12 @@ class Storage(ABC):
     @abstractmethod
     def check(self) -> None:
         """Fail now, naming the setting, if the storage cannot be read and written."""
+
+    @contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """Serialize writers of `key` where the backend can (a folder: flock); on an object store
+        nothing is held, and the conditional writes alone decide."""
+        yield
 
     # Checked objects: the sha256 goes to a sidecar written after the object, so an interrupted
     # write leaves an object without a checksum, which counts as absent.
@@ -142,7 +158,7 @@ class LocalStorage(Storage):
         path = self.root / check_key(key)
         # A planted symlink must not lead outside the root either.
         if not path.resolve().is_relative_to(self.root):
-            raise StorageError(f"storage key {key!r} leads outside {self.root}")
+            raise KeyRefused(f"storage key {key!r} leads outside {self.root}")
         return path
 
     @staticmethod
@@ -150,14 +166,19 @@ class LocalStorage(Storage):
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
     @contextmanager
-    def _locked(self, path: Path) -> Iterator[None]:
+    def _locked(self, path: Path, what: str = "lock") -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f".{path.name}.lock"), "a+") as f:
+        with open(path.with_name(f".{path.name}.{what}"), "a+") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    @contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        with self._locked(self.path(key), "held"):  # not the lock each write takes: no self-deadlock
+            yield
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         try:
@@ -202,6 +223,12 @@ class LocalStorage(Storage):
             rel = Path(dirpath).relative_to(self.root)
             keys += [str(rel / f) if str(rel) != "." else f for f in filenames if not f.startswith(".")]
         return sorted(keys)
+
+    def children(self, prefix: str) -> list[str]:
+        base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -291,6 +318,15 @@ class ObjectStorage(Storage):
             raise self._explain(exc, prefix) from exc
         return sorted(m["path"] for m in found)
 
+    def children(self, prefix: str) -> list[str]:
+        import obstore
+
+        try:
+            found = obstore.list_with_delimiter(self._store, prefix.strip("/") or None)
+        except obstore.exceptions.BaseError as exc:
+            raise self._explain(exc, prefix) from exc
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in found["common_prefixes"])
+
     def delete(self, key: str) -> None:
         import obstore
 
@@ -320,6 +356,8 @@ class ObjectStorage(Storage):
         text = str(exc)
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
         bucket = self.url.split("://", 1)[-1].split("/", 1)[0]
+        if "169.254.169.254" in text:  # no keys given, so the client asked the cloud's instance metadata
+            return StorageError(f"RELAY_STORAGE={self.url}: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
         if "NoSuchBucket" in text:
             return StorageError(f"RELAY_STORAGE={self.url}: bucket {bucket!r} does not exist at {endpoint}")
         if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden")):
@@ -339,3 +377,17 @@ def open_storage(where: str | Path) -> Storage:
     if "://" in text:
         raise StorageError(f"RELAY_STORAGE={text}: unsupported scheme (use a folder, s3://bucket/prefix or gs://bucket/prefix)")
     return LocalStorage(Path(text))
+
+
+def _check(where: str | Path) -> None:
+    open_storage(where).check()
+
+
+def check_before_fork(where: str | Path) -> None:
+    """open_storage(where).check(), run in a spawned process: the object-store client's runtime must
+    not start in a process that forks afterwards (Celery's prefork pool), or its children crash."""
+    if not isinstance(where, str) or "://" not in where:
+        _check(where)
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_check, where).result()

@@ -79,6 +79,9 @@ class StorageContract:
         assert store.list("jobs/a/commits/") == ["jobs/a/commits/00000.json", "jobs/a/commits/00001.json"]
         assert store.list("jobs/none") == []
         assert len(store.list("")) == 5
+        assert store.children("jobs") == ["a", "ab"]
+        assert store.children("jobs/a") == ["commits"]
+        assert store.children("jobs/none") == []
 
     def test_delete(self, store: Storage) -> None:
         store.put("jobs/a/tmp.bin", b"x")

@@ -1,4 +1,4 @@
-"""Workers online and what each is doing, as heartbeat files on shared storage.
+"""Workers online and what each is doing, as heartbeat objects on storage (a folder or a bucket).
 
 Works the same on Redis and on the embedded transport, and survives a flushed broker.
 """
@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from segmodel.checkpoint import atomic_write_bytes
+from segmodel.storage import Storage, StorageError, open_storage
 
 BEAT_S = 2.0
 
 
 class WorkerRegistry:
-    def __init__(self, storage: Path, node: str, queues: list[str]) -> None:
-        self.path = Path(storage) / "workers" / f"{node}.json"
+    def __init__(self, storage: Path | str | Storage, node: str, queues: list[str]) -> None:
+        self.backend = storage if isinstance(storage, Storage) else open_storage(storage)
+        self.key = f"workers/{node}.json"
         self.record: dict[str, Any] = {"node": node, "pid": os.getpid(), "queues": queues, "job": None,
                                        "chunk": None, "since": None, "started_at": time.time()}
         self._stop = threading.Event()
@@ -28,7 +29,7 @@ class WorkerRegistry:
     def _write(self) -> None:
         with self._lock:
             record = {**self.record, "last_seen": time.time()}
-        atomic_write_bytes(self.path, json.dumps(record).encode())
+        self.backend.put(self.key, json.dumps(record).encode())
 
     def start(self) -> None:
         self._write()
@@ -39,7 +40,7 @@ class WorkerRegistry:
         while not self._stop.wait(BEAT_S):
             try:
                 self._write()
-            except OSError:
+            except (OSError, StorageError):
                 pass  # storage hiccup: the next beat tries again
 
     def doing(self, job: str | None, chunk: int | str | None, trainer_pid: int | None = None) -> None:
@@ -49,29 +50,29 @@ class WorkerRegistry:
 
     def stop(self) -> None:
         self._stop.set()
-        self.path.unlink(missing_ok=True)
+        self.backend.delete(self.key)
 
 
 LOST_SHOWN_S = 24 * 3600  # how long a worker that vanished is listed as lost
 
 
-def _records(storage: Path) -> list[dict[str, Any]]:
-    folder = Path(storage) / "workers"
+def _records(storage: Path | str | Storage) -> list[dict[str, Any]]:
+    backend = storage if isinstance(storage, Storage) else open_storage(storage)
     found = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for key in backend.list("workers"):
         try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+            found.append(json.loads(backend.get(key)))
+        except (OSError, ValueError, StorageError):
+            continue  # gone since it was listed, or not a record
     return found
 
 
-def online(storage: Path, max_age_s: float = 4 * BEAT_S) -> list[dict[str, Any]]:
+def online(storage: Path | str | Storage, max_age_s: float = 4 * BEAT_S) -> list[dict[str, Any]]:
     now = time.time()
     return [r for r in _records(storage) if now - r.get("last_seen", 0) <= max_age_s]
 
 
-def lost(storage: Path, max_age_s: float = 4 * BEAT_S, shown_s: float = LOST_SHOWN_S) -> list[dict[str, Any]]:
+def lost(storage: Path | str | Storage, max_age_s: float = 4 * BEAT_S, shown_s: float = LOST_SHOWN_S) -> list[dict[str, Any]]:
     """Workers that stopped heartbeating without a clean stop (which removes their record): killed,
     crashed, or cut off from storage. Newest loss first; each with `lost_at`, its last heartbeat."""
     now = time.time()

@@ -4,14 +4,16 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RELAY_", extra="ignore")
 
-    storage: Path = Field(Path("relay-storage"), description="shared storage root: jobs, checkpoints, reports")
+    storage: Path | str = Field(
+        Path("relay-storage"), description="jobs, checkpoints, reports: a shared folder, or s3://bucket/prefix (gs://)"
+    )
     cache_dir: Path | None = Field(
         None, description="prepared-data and feature caches (a local or shared folder); default <storage>/cache"
     )
@@ -41,14 +43,26 @@ class Settings(BaseSettings):
     )
     data_roots: list[Path] = Field(default_factory=list, description="list files must lie under one of these (empty: anywhere)")
 
-    @field_validator("storage")
+    @field_validator("storage", mode="before")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
+    def _absolute(cls, v: Path | str) -> Path | str:
+        if isinstance(v, str) and v.startswith(("s3://", "gs://")):
+            return v.rstrip("/")
+        return Path(v).expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _object_store_needs_a_broker(self) -> Settings:
+        if isinstance(self.storage, str) and not self.broker_url:
+            raise ValueError(f"RELAY_STORAGE={self.storage} needs RELAY_BROKER_URL: the embedded transport keeps "
+                             f"its queue in a local folder")
+        return self
 
     @property
     def caches(self) -> Path:
-        return self.cache_dir or self.storage / "cache"
+        """Local to this worker when storage is an object store (the default is ~/.cache/relay)."""
+        if self.cache_dir:
+            return self.cache_dir
+        return self.storage / "cache" if isinstance(self.storage, Path) else Path("~/.cache/relay").expanduser()
 
     @property
     def embedded(self) -> bool:

@@ -17,12 +17,12 @@ from celery import shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from scheduler.broker import Broker
-from scheduler.jobs import ChunkRecord, JobNotFound, JobState, JobStatus, JobStore, append_jsonl
-from segmodel import checkpoint
+from scheduler.jobs import ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
 from segmodel.data import read_list
 from worker.trainer_env import worker_env
 from segmodel.spec import ChunkPlan
 from worker.app import EVAL_TASK, TRAIN_TASK, make_app
+from worker.jobfiles import JobFiles
 from worker.lease import Leases, make_leases
 from worker.registry import WorkerRegistry
 from worker.settings import Settings
@@ -143,13 +143,12 @@ def _failed(rt: Runtime, job_id: str, what: str, exc: Exception) -> None:
 
 def _roll_back(rt: Runtime, job_id: str, exc: Exception) -> None:
     """The start checkpoint is corrupt: continue from the newest good one, and say so."""
-    layout = rt.store.layout(job_id)
-
     def back(s: JobState) -> bool:
         if not s.status.active:
             return False
-        s.rewind_to(layout.newest_good_checkpoint(before=s.step), str(exc))
-        append_jsonl(layout.commit_log, {"rewind_to_chunk": s.chunk, "step": s.step, "at": time.time(), "why": str(exc)})
+        s.rewind_to(rt.store.newest_good_checkpoint(job_id, before=s.step), str(exc))
+        rt.store.log(job_id, {"rewind_to_chunk": s.chunk, "step": s.step, "at": time.time(), "why": str(exc)},
+                     f"c{s.chunk:05d}.rewind{len(s.events)}")
         return True
 
     if rt.store.update(job_id, back)[1]:
@@ -168,23 +167,25 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
     token = rt.leases.acquire(job_id, rt.settings.node)
     if token is None:
         return f"dropped: leased by {rt.leases.holder(job_id)}"
+    files = JobFiles(rt.store, job_id, rt.settings.caches / "scratch")
     try:
         begun, go = _begin(rt, job_id, lambda s: s.chunk == chunk)
         if not go:
             return "dropped: job moved on or gave up"
         attempt = begun.attempts
-        layout = rt.store.layout(job_id)
+        layout = files.layout
         plan = ChunkPlan(spec, len(read_list(spec.train)))
-        end = layout.checkpoint(plan.end(chunk))
         rt.trainer.start()
         rt.registry.doing(job_id, chunk, rt.trainer.pid)
         started = time.time()
-        if checkpoint.is_valid(end):
+        if (digest := rt.store.checkpoint_digest(job_id, plan.end(chunk))) is not None:
             # Trained before, not committed (the worker died in between): commit, don't retrain.
             result: dict[str, Any] = {"start_step": plan.start(chunk), "end_step": plan.end(chunk), "loss_last": state.last_loss or 0.0,
                                       "images_per_s": 0.0, "seconds": 0.0, "environment": {"recovered": True},
-                                      "checkpoint_sha256": checkpoint.verified_digest(end)}
+                                      "checkpoint_sha256": digest}
         else:
+            files.begin()
+            files.pull(f"checkpoints/step{plan.start(chunk)}.pt", "init_weights.pt")
             watch = _Watch(rt, job_id, token)
             request = {"op": "train", "spec": spec.model_dump(), "job_dir": str(layout.root), "chunk": chunk,
                        "cache_dir": str(rt.settings.caches),
@@ -203,6 +204,10 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             except TrainerCrashed as exc:
                 _failed(rt, job_id, f"chunk {chunk}", exc)
                 return f"crashed: {exc}"
+            except BaseException:
+                rt.trainer.kill()  # abandoned (e.g. broker unreachable): its late reply must not answer the next request
+                raise
+            files.push(f"c{chunk:05d}.a{attempt}.{rt.settings.node}")
         record = ChunkRecord(chunk=chunk, worker=rt.settings.node, attempt=attempt,
                              started_at=started, ended_at=time.time(), **{k: result[k] for k in (
                                  "start_step", "end_step", "seconds", "loss_last", "images_per_s", "checkpoint_sha256", "environment")})
@@ -219,8 +224,9 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             if record.environment.get("deterministic") is False:
                 s.note(f"chunk {chunk} ran without deterministic kernels ({record.environment.get('why_not')}): "
                        f"the job's weights are reproducible within float rounding only")
-            append_jsonl(layout.commit_log, {"chunk": chunk, "start_step": record.start_step, "end_step": record.end_step,
-                                             "worker": rt.settings.node, "token": token, "started_at": started, "committed_at": time.time()})
+            rt.store.log(job_id, {"chunk": chunk, "start_step": record.start_step, "end_step": record.end_step,
+                                  "worker": rt.settings.node, "token": token, "started_at": started, "committed_at": time.time()},
+                         f"c{chunk:05d}.{token}")
             if s.status == JobStatus.paused:
                 s.note(f"paused after chunk {chunk}")
             return s.status.active
@@ -232,6 +238,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             rt.broker.dispatch(rt.store, job_id, f"chunk {chunk} committed by {rt.settings.node}")
         return f"committed chunk {chunk}" if go_on else "done, job not active"
     finally:
+        files.clean()
         rt.registry.doing(None, None)
         rt.leases.release(job_id, token)
 
@@ -246,11 +253,14 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
     token = rt.leases.acquire(job_id, rt.settings.node)
     if token is None:
         return f"dropped: leased by {rt.leases.holder(job_id)}"
+    files = JobFiles(rt.store, job_id, rt.settings.caches / "scratch")
     try:
         _, go = _begin(rt, job_id, lambda s: s.training_done)
         if not go:
             return "dropped"
-        layout = rt.store.layout(job_id)
+        layout = files.layout
+        files.begin()
+        files.pull(f"weights/weight{spec.epochs}.pt")
         rt.trainer.start()
         rt.registry.doing(job_id, "eval", rt.trainer.pid)
         watch = _Watch(rt, job_id, token)
@@ -263,6 +273,10 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         except (TrainerFailed, TrainerCrashed) as exc:
             _failed(rt, job_id, "evaluation", exc)
             return f"failed: {exc}"
+        except BaseException:
+            rt.trainer.kill()
+            raise
+        files.push("eval")
 
         def finish(s: JobState) -> bool:
             if not s.status.active or not s.training_done:
@@ -275,6 +289,7 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         rt.store.update(job_id, finish)
         return "evaluated"
     finally:
+        files.clean()
         rt.registry.doing(None, None)
         rt.leases.release(job_id, token)
 

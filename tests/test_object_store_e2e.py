@@ -1,0 +1,74 @@
+"""End to end with storage on an S3 server (moto, over HTTP): a scheduler and two workers that share no
+folder, each with its own empty scratch disk; the broker is a TLS redis-server with a password."""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from conftest import S3_CREDENTIALS, Procs, assert_equal_weights, free_port, tiny_spec, wait_for
+from segmodel.storage import open_storage
+from test_tls_broker import TlsRedis, start_tls_redis
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[TlsRedis]:
+    proc, server = start_tls_redis(tmp_path / "tls", ["127.0.0.1"])
+    yield server
+    proc.kill()
+    proc.wait()
+
+
+def test_job_on_object_storage(procs: Procs, s3_endpoint: str, s3_bucket: str, tls_broker: TlsRedis,
+                               tiny_data: dict[str, Path], reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    url = f"s3://{s3_bucket}/relay"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    procs.env.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, RELAY_STORAGE=url, RELAY_BROKER_URL=tls_broker.url(),
+                     RELAY_API_URL=api)
+    procs.start("scheduler", "--port", str(port), name="scheduler")
+    scratch = {name: tmp_path / f"scratch-{name}" for name in ("w1", "w2")}
+    for name, folder in scratch.items():
+        procs.start("worker", "--name", name, name=name, env={"RELAY_CACHE_DIR": str(folder)})
+
+    def get(path: str) -> Any:
+        try:
+            return httpx.get(api + path, timeout=5).json()
+        except (httpx.TransportError, ValueError):
+            return None
+
+    wait_for(lambda: (q := get("/api/queue")) and len(q["workers"]) == 2, 120, f"two workers online (logs: {procs.tmp})")
+    spec = tiny_spec(tiny_data)
+    out = json.loads(procs.relay("submit", "--train", spec.train, "--val", spec.val, "--epochs", "3", "--seed", str(spec.seed),
+                                 "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "3",
+                                 "--no-pretrained", "--json").stdout)
+    job_id = out["id"]
+    job = wait_for(lambda: (j := get(f"/api/jobs/{job_id}")) and j["state"] in ("succeeded", "failed") and j, 300,
+                   f"the job to end (logs: {procs.tmp})")
+    assert job["state"] == "succeeded", job
+
+    # Everything is in the bucket, nothing in a shared folder: the weights come back through the API.
+    weights = httpx.get(f"{api}/api/jobs/{job_id}/weights", timeout=30)
+    assert weights.status_code == 200
+    assert_equal_weights(torch.load(io.BytesIO(weights.content), weights_only=True), reference)
+    store = open_storage(url)
+    keys = store.list(f"jobs/{job_id}")
+    for name in ("job.json", "state.json", "weights/weight3.pt", "weights/weight3.pt.sha256", "checkpoints/step12.pt",
+                 "eval/report.json", "eval/predictions.png"):
+        assert f"jobs/{job_id}/{name}" in keys, name
+    assert any(k.startswith(f"jobs/{job_id}/tensorboard/events.out.tfevents.") for k in keys)
+    commits = [k.rsplit("/", 1)[-1].split(".")[0] for k in keys if k.startswith(f"jobs/{job_id}/commits/")]
+    assert commits == ["c00000", "c00001", "c00002", "c00003"]  # each chunk committed once
+    assert [m["step"] for m in get(f"/api/jobs/{job_id}/metrics")] == list(range(1, 13))
+    assert 0.0 <= get(f"/api/jobs/{job_id}/report")["mean_iou"] <= 1.0
+    # The scratch copies are gone: the workers kept only their caches.
+    for folder in scratch.values():
+        assert not (folder / "scratch" / "jobs" / job_id).exists()
