@@ -125,6 +125,7 @@ def run_fast(list_file: str, steps: int, work: Path, device: str) -> dict[str, A
     from segmodel.data import read_list
     from segmodel.fasttrain import train_steps_fast
     from segmodel.spec import ChunkPlan, TrainSpec
+    from segmodel.layout import JobLayout
     from segmodel.train import _fresh_state
 
     samples = read_list(list_file)
@@ -138,7 +139,7 @@ def run_fast(list_file: str, steps: int, work: Path, device: str) -> dict[str, A
     t0 = time.perf_counter()
     data = caches.data_cache(samples, spec.height, spec.width, spec.num_classes, cache)
     data_s = time.perf_counter() - t0
-    model, _ = _fresh_state(spec, torch.device(device))  # the job's backbone at step 0 (every chunk builds its model)
+    model, _ = _fresh_state(spec, JobLayout(work / "job"), torch.device(device))  # the job's backbone at step 0 (every chunk builds its model)
     t1 = time.perf_counter()
     caches.feature_cache(data, model.features, cache, torch.device(device))
     features_s = time.perf_counter() - t1
