@@ -185,7 +185,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
                                       "checkpoint_sha256": digest}
         else:
             files.begin()
-            files.pull(f"checkpoints/step{plan.start(chunk)}.pt", "init_weights.pt")
+            files.pull(f"checkpoints/step{plan.start(chunk)}.pt", "checkpoints/backbone.pt", "init_weights.pt")
             watch = _Watch(rt, job_id, token)
             request = {"op": "train", "spec": spec.model_dump(), "job_dir": str(layout.root), "chunk": chunk,
                        "cache_dir": str(rt.settings.caches),
