@@ -131,7 +131,7 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
                 view = control.view(job_id)
             except JobNotFound:
                 continue  # removed while we looked
-            if not state or view["state"] in state:
+            if not state or view["state"] in state or (view["state"] == "pausing" and JobStatus.paused in state):
                 out.append(view)
         out.sort(key=lambda j: -j["created_at"])
         response.headers["X-Total-Count"] = str(len(out))

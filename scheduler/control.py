@@ -257,10 +257,13 @@ class Control:
         done = [h for h in state.history if h.seconds > 0]
         per_step = sum(h.seconds for h in done) / max(sum(h.end_step - h.start_step for h in done), 1) if done else None
         eta = per_step * (state.total_steps - state.step) if per_step is not None and state.status.active else None
-        worker, broker_error = self.guard.ask(lambda: self.leases.holder(job_id)) if state.status.active else (None, None)
+        held = state.status.active or state.status == JobStatus.paused
+        worker, broker_error = self.guard.ask(lambda: self.leases.holder(job_id)) if held else (None, None)
+        # Paused with a lease still held: the chunk in flight has not committed yet.
+        shown = "pausing" if state.status == JobStatus.paused and worker else state.status.value
         return {
             "id": job_id,
-            "state": state.status.value,
+            "state": shown,
             "spec": spec.model_dump(),
             "progress": {"chunk": state.chunk, "n_chunks": state.n_chunks, "step": state.step,
                          "total_steps": state.total_steps, "epoch": state.epoch, "epochs": spec.epochs,

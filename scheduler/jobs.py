@@ -36,7 +36,8 @@ JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 class JobStatus(str, Enum):
     queued = "queued"        # submitted, no chunk started yet
     running = "running"      # training or evaluating
-    paused = "paused"        # stops at the next chunk boundary; resume continues
+    paused = "paused"        # stops at the next chunk boundary; resume continues. Views show it as
+    #                          "pausing" while a worker still holds the lease of the chunk in flight
     cancelled = "cancelled"  # stopped now; resume continues from the last checkpoint
     failed = "failed"        # a reason retrying won't fix, or attempts exhausted
     succeeded = "succeeded"  # trained and evaluated

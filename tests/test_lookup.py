@@ -81,6 +81,18 @@ def test_not_found_not_ready_and_never(client: TestClient, tiny_data: dict[str, 
     assert client.get("/api/jobs/19990101-000000-abcdef/report").status_code == 404
 
 
+def test_pausing_until_the_chunk_in_flight_commits(client: TestClient, tiny_data: dict[str, Path]) -> None:
+    job = submit(client, tiny_data)
+    control = client.app.state.control
+    token = control.leases.acquire(job["id"], "w9")  # a worker trains the chunk in flight
+    assert client.post(f"/api/jobs/{job['id']}/pause").json()["state"] == "pausing"
+    assert client.get(f"/api/jobs/{job['id']}").json()["worker"] == "w9"
+    assert [j["id"] for j in client.get("/api/jobs", params={"state": "paused"}).json()] == [job["id"]]
+    assert client.delete(f"/api/jobs/{job['id']}").status_code == 409  # its chunk is still in flight
+    control.leases.release(job["id"], token)  # committed
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "paused"
+
+
 def test_delete_refused_while_active_then_frees_everything(client: TestClient, tiny_data: dict[str, Path], tmp_path: Path) -> None:
     job = submit(client, tiny_data, name="doomed")
     r = client.delete("/api/jobs/doomed")

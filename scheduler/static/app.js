@@ -592,7 +592,7 @@
         report._for = job.updated_at;
       }
       render(job, queue);
-      return ACTIVE.has(job.state) ? POLL_ACTIVE_MS : job.state === "paused" ? POLL_IDLE_MS : 10000;
+      return ACTIVE.has(job.state) || job.state === "pausing" ? POLL_ACTIVE_MS : job.state === "paused" ? POLL_IDLE_MS : 10000;
     }
 
     function notFound(e) {
@@ -628,7 +628,7 @@
       el.reason.replaceChildren(why ? h("strong", {}, job.reason ? "reason: " : "last error (retried): ") : "", why || "");
 
       pause.disabled = !ACTIVE.has(job.state);
-      resume.disabled = !["paused", "failed", "cancelled"].includes(job.state);
+      resume.disabled = !["paused", "pausing", "failed", "cancelled"].includes(job.state);
       cancel.disabled = FINAL.has(job.state);
       const first = p.start_epoch || 0;  // a job started from init weights numbers its epochs on from them
       const epochsDone = Math.min(p.epochs, first + Math.floor(p.step / p.steps_per_epoch + 1e-9));
