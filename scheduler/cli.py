@@ -116,6 +116,8 @@ def spec_options(f: Any) -> Any:
         click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes"),
         click.option("--no-pretrained", is_flag=True, help="random backbone instead of ImageNet AlexNet weights"),
         click.option("--pretrained-path", type=click.Path(), default=None, help="local AlexNet weights file"),
+        click.option("--val-every", type=click.IntRange(1), default=None,
+                     help="score the validation set every N epochs during training (the dashboard draws the curve)"),
         click.option("--queue", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True),
         click.option("--engine", type=click.Choice(["fast", "seed"]), default="fast", show_default=True,
                      help="fast: cached data and features, fused loss; seed: the seed's arithmetic exactly"),

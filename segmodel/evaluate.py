@@ -65,6 +65,23 @@ def evaluate(
     return report
 
 
+@torch.no_grad()
+def validate(spec: TrainSpec, weights: Path, *, device: torch.device | None = None,
+             cache_dir: Path | str | None = None) -> dict[str, float]:
+    """Mean IoU and pixel accuracy of `weights` on the validation list, nothing written: a point
+    of the validation curve. The same paths as `evaluate` (the fast one on the caches)."""
+    device = device or pick_device(spec)
+    model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
+    model.load_state_dict(checkpoint.load(weights))
+    model.to(device).eval()
+    if spec.engine == "fast" and cache_dir is not None:
+        cm = _confusion_fast(spec, model, device, cache_dir, None)[0]
+    else:
+        cm = _confusion_seed(spec, model, device)[0]
+    report = summarize(cm.matrix, class_names(spec.num_classes))
+    return {"mean_iou": report["mean_iou"], "pixel_accuracy": report["pixel_accuracy"]}
+
+
 Shown = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
 
 

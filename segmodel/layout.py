@@ -36,6 +36,11 @@ class JobLayout:
         return self.root / "commits.jsonl"
 
     @property
+    def validation_file(self) -> Path:
+        """One JSON line per validated epoch (spec.val_every): mIoU and pixel accuracy."""
+        return self.root / "validation.jsonl"
+
+    @property
     def report_file(self) -> Path:
         return self.root / "eval" / "report.json"
 

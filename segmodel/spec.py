@@ -35,6 +35,11 @@ class TrainSpec(BaseModel):
     pretrained_path: str | None = Field(None, description="local file with AlexNet weights")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     queue: Literal["cpu", "gpu"] = "cpu"
+    val_every: int | None = Field(
+        None, ge=1, le=10_000,
+        description="score the validation set (mIoU, pixel accuracy) every this many epochs during training; "
+        "default: only at the end. Does not change training",
+    )
     keep_checkpoints: int = Field(
         3, ge=2, le=1_000_000,
         description="chunk checkpoints kept on storage, the newest (at least 2: a bad one rewinds to the one "

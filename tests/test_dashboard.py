@@ -220,7 +220,8 @@ def test_dashboard_new_job_form_lost_worker_and_unserved_queue(procs: Procs, red
     watch.problems = [p for p in watch.problems if "HTTP 422" not in p and "status of 422" not in p]
     page.screenshot(path=str(shots / "new-job-refused.png"), full_page=True)
 
-    for field, value in (("epochs", "2"), ("batch_size", "4"), ("height", "64"), ("width", "64"), ("name", "from-form")):
+    for field, value in (("epochs", "2"), ("batch_size", "4"), ("height", "64"), ("width", "64"), ("name", "from-form"),
+                         ("val_every", "1")):
         page.fill(f"#field-{field}", value)
     page.uncheck("#field-pretrained")
     page.click("#submit-job")
@@ -230,6 +231,12 @@ def test_dashboard_new_job_form_lost_worker_and_unserved_queue(procs: Procs, red
     job = cluster.get(f"/api/jobs/{job_id}")
     assert job["state"] == "succeeded" and job["spec"]["name"] == "from-form" and job["spec"]["epochs"] == 2
     assert job["spec"]["pretrained"] is False and job["progress"]["step"] == 8
+    # The validation curve: a point per epoch, beside the loss.
+    page.locator("#val-miou-chart path.line").wait_for(timeout=30_000)
+    assert page.locator("#val-miou-chart .dots circle").count() == 2
+    assert page.locator("#val-acc-chart .dots circle").count() == 2
+    assert [v["epoch"] for v in cluster.get(f"/api/jobs/{job_id}/validation")] == [1, 2]
+    page.screenshot(path=str(shots / "job-validation-curve.png"), full_page=True)
 
     # A worker killed outright leaves its last heartbeat behind: shown as lost, with when.
     procs.kill(cluster.workers["w2"])

@@ -490,6 +490,9 @@
       loss: h("div", { id: "loss-chart", class: "chart" }),
       lr: h("div", { id: "lr-chart", class: "chart small" }),
       ips: h("div", { id: "ips-chart", class: "chart small" }),
+      valBox: h("div", { id: "validation-box", hidden: true }),
+      valMiou: h("div", { id: "val-miou-chart", class: "chart small" }),
+      valAcc: h("div", { id: "val-acc-chart", class: "chart small" }),
       legend: h("div", { class: "legend", id: "worker-legend" }),
       timeline: h("div", { id: "timeline", class: "chart" }),
       chunks: h("tbody"),
@@ -505,6 +508,11 @@
     el.actions.append(pause, resume, cancel, h("span", { class: "spacer" }), download, epochSelect);
     const eventsToggle = h("input", { type: "checkbox", id: "all-events", onchange: (ev) => { showAllEvents = ev.target.checked; if (lastJob) renderEvents(lastJob); } });
 
+    el.valBox.append(h("div", { class: "two" },
+      h("div", {}, h("h3", {}, "Validation mean IoU"), el.valMiou),
+      h("div", {}, h("h3", {}, "Validation pixel accuracy"), el.valAcc)));
+    let validation = [];
+
     root.replaceChildren(
       h("a", { class: "back", href: "#/" }, "← all jobs"),
       h("section", { class: "card" }, el.head, el.progress, el.stats, el.reason, el.actions, el.message,
@@ -513,7 +521,8 @@
         h("h3", {}, "Loss per step"), el.loss, el.legend,
         h("div", { class: "two" },
           h("div", {}, h("h3", {}, "Learning rate"), el.lr),
-          h("div", {}, h("h3", {}, "Images per second"), el.ips))),
+          h("div", {}, h("h3", {}, "Images per second"), el.ips)),
+        el.valBox),
       h("section", { class: "card" }, h("h2", {}, "Chunks"),
         h("p", { class: "muted" }, "Which worker trained each chunk, and when. Red: an attempt that failed or was lost; striped: in progress."),
         el.timeline,
@@ -584,6 +593,10 @@
           metrics.set(m.step, m);
           known = Math.max(known, m.step);
         }
+      }
+      if (job.spec.val_every && !(complete && validation.length)) {
+        validation = await api(`api/jobs/${encodeURIComponent(id)}/validation`);
+        if (gen !== generation) return POLL_IDLE_MS;
       }
       committed = job.progress.step;
       if (job.has_report && (!report || report._for !== job.updated_at)) {
@@ -674,6 +687,17 @@
         points: points.map((m) => ({ x: m.step, y: m.images_per_s, m })), xMax: p.total_steps, spe, epochs: p.epochs - (p.start_epoch || 0),
         smooth: true, zero: true, height: 150, label: "img/s", tooltip: tip("images/s", (m) => m.images_per_s.toFixed(1)), empty: "–",
       });
+      el.valBox.hidden = !job.spec.val_every;
+      if (job.spec.val_every) {
+        const vtip = (label, key) => (v) => `epoch ${v.epoch} · step ${v.step} · ${label} ${v[key].toFixed(4)}`;
+        for (const [chart, key, label] of [[el.valMiou, "mean_iou", "mIoU"], [el.valAcc, "pixel_accuracy", "pixel accuracy"]]) {
+          lineChart(chart, {
+            points: validation.map((v) => ({ x: v.step, y: v[key], m: v })), xMax: p.total_steps, spe,
+            epochs: p.epochs - (p.start_epoch || 0), zero: true, height: 150, label,
+            tooltip: vtip(label, key), empty: `Scored every ${job.spec.val_every} epoch(s); none yet.`,
+          });
+        }
+      }
       const workers = [...new Set([...job.history.map((c) => c.worker), ...points.map((m) => m.worker)])];
       el.legend.replaceChildren(...(workers.length ? [h("span", { class: "muted" }, "chunks trained by: ")] : []),
         ...workers.map((w) => {
