@@ -127,7 +127,7 @@ def test_two_jobs_at_once_and_duplicate_messages(cluster: Cluster, tiny_data: di
 
 
 def test_pause_resume_cancel_resume(cluster: Cluster, tiny_data: dict[str, Path], reference: dict[str, torch.Tensor]) -> None:
-    job_id = cluster.submit(tiny_spec(tiny_data, chunk_steps=1))  # 12 chunks: time to pause before the end
+    job_id = cluster.submit(tiny_spec(tiny_data))
     assert cluster.procs.relay("pause", job_id).stdout.strip() in (f"{job_id}: paused", f"{job_id}: pausing")
     job = cluster.wait_state(job_id, ("paused",))
     time.sleep(2)  # the chunk in flight may commit; nothing further may start
