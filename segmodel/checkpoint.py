@@ -3,24 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from segmodel.errors import CheckpointError
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """A reader sees the old file or the complete new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from segmodel.storage import atomic_write_bytes  # noqa: F401  (the one temp-and-rename writer; imported from here too)
 
 
 def _sidecar(path: Path) -> Path:

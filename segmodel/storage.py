@@ -90,7 +90,7 @@ class Storage(ABC):
 
     def download(self, key: str, dest: Path) -> Path:
         """Copy the object to a local file (for what needs a path), written whole."""
-        _write_local(dest, self.get(key))
+        atomic_write_bytes(dest, self.get(key))
         return dest
 
     def upload(self, src: Path, key: str) -> str:
@@ -136,7 +136,7 @@ class Storage(ABC):
         return data, actual
 
 
-def _write_local(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temporary name, fsync, rename: a reader sees the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -190,7 +190,7 @@ class LocalStorage(Storage):
     def put(self, key: str, data: bytes) -> str:
         path = self.path(key)
         with self._locked(path):
-            _write_local(path, data)
+            atomic_write_bytes(path, data)
         return self._version(data)
 
     def put_if_absent(self, key: str, data: bytes) -> str | None:
@@ -198,7 +198,7 @@ class LocalStorage(Storage):
         with self._locked(path):
             if path.exists():
                 return None
-            _write_local(path, data)
+            atomic_write_bytes(path, data)
         return self._version(data)
 
     def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
@@ -210,7 +210,7 @@ class LocalStorage(Storage):
                 return None
             if current != version:
                 return None
-            _write_local(path, data)
+            atomic_write_bytes(path, data)
         return self._version(data)
 
     def list(self, prefix: str) -> list[str]:

@@ -488,8 +488,11 @@ def test_compose_services_train_a_job(local_compose: LocalCompose, tiny_data: di
     assert watched.returncode == 0, f"{watched.stdout}{watched.stderr}\n{stack.logs()}"
 
     # Both workers are still listed (their registry heartbeats can lag a few seconds on a busy machine).
-    final = wait_for(lambda: (s := status()) if {w["node"] for w in s["workers"]} == nodes else None, 60,
-                     "both workers still listed in `relay status` after the job")
+    def both_listed() -> dict[str, Any] | None:
+        current = status()
+        return current if {w["node"] for w in current["workers"]} == nodes else None
+
+    final = wait_for(both_listed, 60, "both workers still listed in `relay status` after the job")
     assert set(final["queues"]) >= {"cpu", "gpu"} and final["queues"]["cpu"] == 0
     job = next(j for j in final["jobs"] if j["id"] == job_id)
     assert job["state"] == "succeeded"
