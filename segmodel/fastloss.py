@@ -243,9 +243,17 @@ def _pool(size: int) -> ThreadPoolExecutor:
         if _POOL is None or _POOL_SIZE != size:
             if _POOL is not None:
                 _POOL.shutdown(wait=True)
-            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fastloss")
+            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="fastloss", initializer=_one_torch_thread)
             _POOL_SIZE = size
         return _POOL
+
+
+def _one_torch_thread() -> None:
+    """Each pool thread's own OpenMP count is 1 from its first op. Left to torch's lazy per-thread
+    init, a fresh thread's first ops ran with another count, so the first step after a process
+    started differed in the last bit from the same step in a warm process: a chunk resumed on a
+    fresh worker did not end bitwise equal to the uninterrupted run (tests/test_fast.py)."""
+    torch.set_num_threads(1)  # the pool only starts threads inside single_threaded: the process count is 1 already
 
 
 @contextlib.contextmanager
@@ -261,7 +269,7 @@ def single_threaded() -> Iterator[None]:
     if before == 1:
         yield
         return
-    torch.set_num_threads(1)
+    torch.get_num_threads()
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ import hashlib
 import multiprocessing
 import os
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -139,7 +140,8 @@ class Storage(ABC):
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temporary name, fsync, rename: a reader sees the old file or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # pid and thread: two threads of one process (a heartbeat and a chunk) may write one file at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

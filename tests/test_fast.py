@@ -26,6 +26,7 @@ from segmodel.model import SegmentationNN
 from segmodel.spec import TrainSpec
 from segmodel.synthetic import generate
 from segmodel.train import train_steps
+from conftest import assert_equal_weights, tiny_spec
 
 # Tolerances. The loss: 1e-5 relative (observed ~1e-7). The gradient w.r.t. the logits: 1e-5 of its
 # largest entry against PyTorch's float32 reference, and 1e-6 against a float64 reference (the
@@ -533,3 +534,21 @@ print(d.path, f.path)
         for name in ("images.npy", "labels.npy", "features.npy"):
             if (a / name).exists():
                 assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_chunks_resumed_in_fresh_two_thread_processes_equal_one_run(tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    """A chunk that starts a process (a fresh worker) computes its first step as a warm process
+    does: two-step chunks, each in a process of its own with 2 torch threads, end bitwise equal to
+    one uninterrupted process with 2 threads (the first step of a cold process used to differ)."""
+    spec = tiny_spec(tiny_data, epochs=1, chunk_steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+    def run(job: Path, a: int, b: int) -> None:
+        proc = subprocess.run([sys.executable, "-c", RANGE_SCRIPT, spec.model_dump_json(), str(job), str(a), str(b), "2",
+                               str(job / "cache")], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "one", 0, 4)
+    for a in (0, 2):
+        run(tmp_path / "chunks", a, a + 2)
+    assert_equal_weights(checkpoint.load(JobLayout(tmp_path / "chunks").weight(1)), checkpoint.load(JobLayout(tmp_path / "one").weight(1)))
