@@ -108,6 +108,8 @@ def spec_options(f: Any) -> Any:
         click.option("--val", "val", type=click.Path(), help="list file of validation samples (required)"),
         click.option("--epochs", type=int, default=20, show_default=True),
         click.option("--chunk-steps", type=int, default=None, help="steps per chunk (default: one epoch)"),
+        click.option("--chunk-minutes", type=float, default=None,
+                     help="a time budget per chunk instead: train this long, then commit (e.g. 330 in a 6-hour Colab session)"),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--batch-size", type=int, default=16, show_default=True),
         click.option("--lr", type=float, default=1e-2, show_default=True),
@@ -356,9 +358,21 @@ def report(job_id: str, as_json: bool) -> None:
 @click.option("--queues", default="cpu", show_default=True, help="comma-separated: cpu, gpu")
 @click.option("--name", default=None, help="node name (default: host.pid)")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str, name: str | None, loglevel: str) -> None:
-    """Start a worker: one chunk at a time, from the given queues."""
+@click.option("--max-runtime", default=None, metavar="DURATION",
+              help="stop before this much time has passed (e.g. 11h30m), committing the chunk in flight")
+@click.option("--exit-when-idle", default=None, metavar="DURATION",
+              help="stop after this long with nothing to do (e.g. 10m)")
+def worker(queues: str, name: str | None, loglevel: str, max_runtime: str | None, exit_when_idle: str | None) -> None:
+    """Start a worker: one chunk at a time, from the given queues. SIGTERM (docker stop, a spot
+    notice) ends the chunk in flight at its next step and commits it; a second one loses it."""
     import socket
+
+    from worker.lifetime import Lifetime, parse_duration
+
+    try:
+        limits = {k: parse_duration(v) if v else None for k, v in (("--max-runtime", max_runtime), ("--exit-when-idle", exit_when_idle))}
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
     node = name or os.environ.get("RELAY_NODE") or f"{socket.gethostname()}.{os.getpid()}"
     queue_list = [q.strip() for q in queues.split(",") if q.strip()]
@@ -374,6 +388,7 @@ def worker(queues: str, name: str | None, loglevel: str) -> None:
     argv = ["worker", "-Q", ",".join(queue_list), "-n", f"relay@{node}", "-c", "1", "-P", "prefork", f"--loglevel={loglevel}"]
     if settings.embedded:
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    Lifetime(settings.caches, node, limits["--max-runtime"], limits["--exit-when-idle"]).install()
     make_app(settings).worker_main(argv)
 
 

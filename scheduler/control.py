@@ -186,7 +186,7 @@ class Control:
         def hold(s: JobState) -> None:
             if not s.status.active:
                 raise TransitionRefused(f"job {job_id} is {s.status.value}, not queued or running")
-            s.set_status(JobStatus.paused, "paused by user (the chunk in progress finishes)")
+            s.set_status(JobStatus.paused, "paused by user (the chunk in progress stops at its next step and commits)")
 
         return self.store.update(job_id, hold)[0]
 
@@ -243,8 +243,8 @@ class Control:
                 raise TransitionRefused(f"job {job_id}: its final full-state checkpoint (step {s.total_steps}) is missing or corrupt; "
                                         f"extend continues from it")
             self.store.write_spec(job_id, new)
-            s.total_steps, s.n_chunks, s.restarts = plan.total_steps, plan.n_chunks, plan.restarts
-            s.chunk = plan.chunk_of(s.step)
+            s.total_steps, s.chunk_steps, s.restarts = plan.total_steps, plan.chunk_steps, plan.restarts
+            s.replan()
             s.attempts, s.last_error = 0, None
             s.set_status(JobStatus.running, f"extended from {spec.epochs} to {epochs} epochs by user; "
                                             f"continuing from step {s.step} (chunk {s.chunk})")

@@ -27,7 +27,7 @@ from segmodel import checkpoint
 from segmodel.data import read_list
 from segmodel.errors import CheckpointError
 from segmodel.layout import JobLayout
-from segmodel.spec import ChunkPlan, TrainSpec, chunk_of
+from segmodel.spec import ChunkPlan, TrainSpec, chunks_left
 from segmodel.storage import KeyRefused, LocalStorage, ObjectNotFound, Storage, StorageError, open_storage
 
 JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -36,8 +36,8 @@ JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 class JobStatus(str, Enum):
     queued = "queued"        # submitted, no chunk started yet
     running = "running"      # training or evaluating
-    paused = "paused"        # stops at the next chunk boundary; resume continues. Views show it as
-    #                          "pausing" while a worker still holds the lease of the chunk in flight
+    paused = "paused"        # the chunk in flight stops at its next step and commits; resume continues.
+    #                          Views show "pausing" while a worker still holds the lease of that chunk
     cancelled = "cancelled"  # stopped now; resume continues from the last checkpoint
     failed = "failed"        # a reason retrying won't fix, or attempts exhausted
     succeeded = "succeeded"  # trained and evaluated
@@ -51,11 +51,25 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+# Why a chunk ended where it did.
+ENDED = {
+    "steps": "its planned steps (--chunk-steps)",
+    "epoch": "the end of its epoch",
+    "job end": "the end of training",
+    "budget": "its time budget (--chunk-minutes)",
+    "signal": "the worker was told to stop (SIGTERM)",
+    "pause": "the job was paused",
+    "runtime limit": "the worker's --max-runtime",
+    "idle": "the worker's --exit-when-idle",
+    "recovered": "trained before, committed by the next worker",
+}
+
+
 class ChunkRecord(BaseModel):
     chunk: int
     start_step: int
     end_step: int
-    worker: str
+    ended: str = "steps"  # a key of ENDED    worker: str
     attempt: int
     started_at: float
     ended_at: float
@@ -73,12 +87,12 @@ class Event(BaseModel):
 
 class JobState(BaseModel):
     status: JobStatus = JobStatus.queued
-    chunk: int = 0              # next chunk to train; == n_chunks once training is done
-    step: int = 0               # global steps committed
-    n_chunks: int
+    chunk: int = 0              # chunks committed: the number of the next one
+    step: int = 0               # global steps committed: where the next chunk starts
+    n_chunks: int               # chunk + the chunks planned from `step` (an estimate with time budgets)
     total_steps: int
     steps_per_epoch: int
-    chunk_steps: int
+    chunk_steps: int            # the plan's grid
     start_epoch: int = 0        # epochs the init weights had; weight files and data order count on from it
     restarts: list[int] = Field(default_factory=list)  # steps where `extend` restarted the chunk grid
     attempts: int = 0           # tries of the current chunk (or of the evaluation)
@@ -94,7 +108,11 @@ class JobState(BaseModel):
 
     @property
     def training_done(self) -> bool:
-        return self.chunk >= self.n_chunks
+        return self.step >= self.total_steps
+
+    def replan(self) -> None:
+        """n_chunks after `step` or the grid changed: the chunks done plus those planned from step."""
+        self.n_chunks = self.chunk + chunks_left(self.step, self.total_steps, self.chunk_steps, self.restarts)
 
     @property
     def epoch(self) -> float:
@@ -107,8 +125,10 @@ class JobState(BaseModel):
         self.events.append(Event(at=time.time(), what=f"{status.value}: {why}"))
 
     def rewind_to(self, step: int, why: str) -> None:
-        """Go back to the chunk boundary at `step` (a checkpoint went bad): work after it is redone."""
-        self.step, self.chunk = step, chunk_of(step, self.total_steps, self.chunk_steps, self.restarts)
+        """Go back to the checkpoint at `step` (a newer one went bad): work after it is redone by the
+        next chunk, which keeps this chunk's number."""
+        self.step = step
+        self.replan()
         self.attempts, self.worker = 0, None
         self.note(f"{why}; continuing from step {step} (chunk {self.chunk})" + (", from scratch" if step == 0 else ""))
 
@@ -286,11 +306,11 @@ class JobStore:
         except CheckpointError:
             return None
 
-    def newest_good_checkpoint(self, job_id: str, before: int) -> int:
-        """The newest step <= `before` whose checkpoint verifies; 0 (the seed) if none does."""
+    def newest_good_checkpoint(self, job_id: str, before: int, after: int = -1) -> int:
+        """The newest step in (after, before] whose checkpoint verifies; 0 (the seed) if none does."""
         names = (k.rsplit("/", 1)[-1] for k in self.backend.list(self._key(job_id, "checkpoints")))
         steps = sorted((int(n[4:-3]) for n in names if n.startswith("step") and n.endswith(".pt") and n[4:-3].isdigit()), reverse=True)
-        return next((s for s in steps if s <= before and self.checkpoint_digest(job_id, s) is not None), 0)
+        return next((s for s in steps if after < s <= before and self.checkpoint_digest(job_id, s) is not None), 0)
 
     def log(self, job_id: str, record: dict[str, Any], name: str) -> None:
         """Add a record to the job's commit log: a line of commits.jsonl in a folder, an object of its

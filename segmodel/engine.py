@@ -21,7 +21,7 @@ def train_range(spec: TrainSpec, job_dir: Path | str, start: int, end: int, *, c
     else:
         result = train.train_steps(spec, job_dir, start, end, **kwargs)
     if spec.val_every:
-        _validate_epochs(spec, JobLayout(Path(job_dir)), start, end, cache_dir)
+        _validate_epochs(spec, JobLayout(Path(job_dir)), start, result.end_step, cache_dir)
     return result
 
 

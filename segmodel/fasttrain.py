@@ -32,7 +32,7 @@ from segmodel import determinism
 from segmodel.data import read_list
 from segmodel.fastloss import head_cross_entropy, single_threaded, upsample_cross_entropy
 from segmodel.spec import TrainSpec
-from segmodel.train import ChunkResult, _batches, _begin, _run_steps, pick_device
+from segmodel.train import ChunkResult, StopCheck, _batches, _begin, _run_steps, pick_device
 
 
 def train_steps_fast(
@@ -45,6 +45,7 @@ def train_steps_fast(
     device: torch.device | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_progress: caches.Progress | None = None,
+    stop: StopCheck | None = None,
 ) -> ChunkResult:
     """Train global steps [start, end) like `train.train_steps`, from caches under `storage_cache`.
 
@@ -82,7 +83,7 @@ def train_steps_fast(
     # parts depend on the thread count; on one thread it is one piece everywhere.
     return _run_steps(layout, plan, model, optimizer, device, start, end, batches, step_loss, on_step, env,
                       optimizer_context=single_threaded if device.type == "cpu" else contextlib.nullcontext,
-                      keep_checkpoints=spec.keep_checkpoints)
+                      keep_checkpoints=spec.keep_checkpoints, stop=stop)
 
 
 def arithmetic(device: torch.device, *, thread_invariant: bool) -> dict[str, Any]:

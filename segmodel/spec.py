@@ -23,6 +23,11 @@ class TrainSpec(BaseModel):
     chunk_steps: int | None = Field(
         None, ge=1, le=10_000_000, description="steps per chunk; default: one epoch per chunk"
     )
+    chunk_minutes: float | None = Field(
+        None, gt=0, le=10_080,
+        description="a time budget per chunk instead of a step count: a worker trains from the job's step until "
+        "this many minutes have passed (checked at step boundaries) or the job ends, then commits. Does not change training",
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1)
     batch_size: int = Field(16, ge=1, le=4096)
     lr: float = Field(1e-2, gt=0, le=10)
@@ -71,6 +76,13 @@ class TrainSpec(BaseModel):
     )
 
     @model_validator(mode="after")
+    def _one_chunk_size(self) -> "TrainSpec":
+        if self.chunk_steps is not None and self.chunk_minutes is not None:
+            raise ValueError(f"chunk_steps ({self.chunk_steps}) and chunk_minutes ({self.chunk_minutes}) are two ways to "
+                             f"size a chunk: give one")
+        return self
+
+    @model_validator(mode="after")
     def _epochs_in_order(self) -> "TrainSpec":
         if self.start_epoch and not self.init_weights:
             raise ValueError("start_epoch needs init_weights (the weights those epochs trained)")
@@ -82,9 +94,11 @@ class TrainSpec(BaseModel):
 
 
 class ChunkPlan:
-    """Maps a job to its steps and chunks. Steps count from the job's start (step 0 is epoch
-    `start_epoch`); chunk k covers steps [start(k), end(k)). The chunk grid restarts where an
-    `extend` continued the job, so chunks trained before it keep their ranges."""
+    """Maps a job to its steps and its planned chunks. Steps count from the job's start (step 0 is
+    epoch `start_epoch`). The plan is a grid of `chunk_steps` (an epoch by default; with a time
+    budget, the whole job), restarting where an `extend` continued the job. A chunk starts at the
+    job's committed step and is planned to end at the next grid line (`planned_end`); a worker may
+    end it sooner (a time budget, a signal, a pause), and the next chunk finishes the grid cell."""
 
     def __init__(self, spec: TrainSpec, n_train: int) -> None:
         if n_train <= 0:
@@ -92,20 +106,25 @@ class ChunkPlan:
         self.steps_per_epoch = math.ceil(n_train / spec.batch_size)
         self.first_epoch = spec.start_epoch
         self.total_steps = (spec.epochs - spec.start_epoch) * self.steps_per_epoch
-        self.chunk_steps = spec.chunk_steps or self.steps_per_epoch
+        self.chunk_steps = spec.chunk_steps or (self.total_steps if spec.chunk_minutes else self.steps_per_epoch)
         self.restarts = [(e - spec.start_epoch) * self.steps_per_epoch for e in spec.extended_at]
         self._grid = _Grid(self.total_steps, self.chunk_steps, self.restarts)
         self.n_chunks = self._grid.n_chunks
 
     def start(self, chunk: int) -> int:
+        """Where grid cell k begins (the chunk k of a job no worker ever stopped early)."""
         return self._grid.start(chunk)
 
     def end(self, chunk: int) -> int:
         return self._grid.start(chunk + 1)
 
-    def chunk_of(self, step: int) -> int:
-        """The chunk that begins at `step` (n_chunks for the last step)."""
-        return self._grid.chunk_of(step)
+    def planned_end(self, step: int) -> int:
+        """Where a chunk that starts at `step` is planned to end: the next grid line."""
+        return self._grid.start(self._grid.chunk_of(step) + 1)
+
+    def chunks_left(self, step: int) -> int:
+        """Planned chunks from `step` to the end."""
+        return self.n_chunks - self._grid.chunk_of(step)
 
     def epoch_of(self, step: int) -> float:
         return self.first_epoch + step / self.steps_per_epoch
@@ -139,6 +158,7 @@ class _Grid:
         return self.first_chunks[i] + (step - self.bounds[i]) // self.chunk_steps
 
 
-def chunk_of(step: int, total: int, chunk_steps: int, restarts: list[int]) -> int:
-    """The chunk that contains `step` in a job's chunk grid (for a job record without its spec)."""
-    return _Grid(total, chunk_steps, restarts).chunk_of(step)
+def chunks_left(step: int, total: int, chunk_steps: int, restarts: list[int]) -> int:
+    """Planned chunks from `step` to the end of a job's grid (for a job record without its spec)."""
+    grid = _Grid(total, chunk_steps, restarts)
+    return grid.n_chunks - grid.chunk_of(step)

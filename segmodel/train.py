@@ -28,6 +28,10 @@ from segmodel.spec import ChunkPlan, TrainSpec
 CHECKPOINT_FORMAT = 1
 
 
+# `stop()` between steps: None to go on, or why the chunk ends at the step just done.
+StopCheck = Callable[[], "str | None"]
+
+
 @dataclass
 class ChunkResult:
     start_step: int
@@ -39,6 +43,7 @@ class ChunkResult:
     images_per_s: float
     checkpoint_sha256: str
     environment: dict[str, Any]
+    stopped: str | None = None  # why it ended before the planned end, if it did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,13 +183,16 @@ def _run_steps(
     env_extra: dict[str, Any] | None = None,
     optimizer_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
     keep_checkpoints: int | None = None,
+    stop: StopCheck | None = None,
 ) -> ChunkResult:
     """The step loop shared by every way of computing a batch's loss: `step_loss(batch)` returns
-    (loss, images in the batch). Saves weight<E>.pt at each epoch end and the full state at `end`.
+    (loss, images in the batch). Saves weight<E>.pt at each epoch end and the full state at `end`,
+    or at the step after which `stop()` first answered a reason (at least one step is trained).
     The optimizer steps inside `optimizer_context()` (the fast engine: on one thread)."""
     t0 = time.perf_counter()
     losses: list[float] = []
     images = 0
+    stopped: str | None = None
     for g, batch in enumerate(batches, start=start):
         t_step = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -204,6 +212,9 @@ def _run_steps(
             dt = time.perf_counter() - t_step
             on_step({"step": done, "epoch": plan.epoch_of(done), "loss": value, "lr": optimizer.param_groups[0]["lr"],
                      "step_s": dt, "images_per_s": n / dt if dt > 0 else 0.0})
+        if done < end and stop is not None and (stopped := stop()) is not None:
+            end = done  # the same state a chunk planned to end here saves: the job's bits do not change
+            break
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": end,
@@ -221,7 +232,7 @@ def _run_steps(
         start_step=start, end_step=end, epoch=plan.epoch_of(end),
         loss_last=losses[-1], loss_mean=sum(losses) / len(losses),
         seconds=seconds, images_per_s=images / seconds if seconds > 0 else 0.0,
-        checkpoint_sha256=digest, environment={**environment(device), **(env_extra or {})},
+        checkpoint_sha256=digest, environment={**environment(device), **(env_extra or {})}, stopped=stopped,
     )
 
 
@@ -233,6 +244,7 @@ def train_steps(
     *,
     device: torch.device | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    stop: StopCheck | None = None,
 ) -> ChunkResult:
     """Train global steps [start, end) from the full-state checkpoint at `start` (or the seed at 0).
 
@@ -263,7 +275,7 @@ def train_steps(
         return loss, x.shape[0]
 
     return _run_steps(layout, plan, model, optimizer, device, start, end, loader, step_loss, on_step, env,
-                      keep_checkpoints=spec.keep_checkpoints)
+                      keep_checkpoints=spec.keep_checkpoints, stop=stop)
 
 
 def chunk_range(spec: TrainSpec, chunk: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from worker import tasks
 from worker.lease import FileLeases
 from worker.registry import WorkerRegistry
 from worker.settings import Settings
-from worker.trainer import Cancelled, TrainerCrashed, TrainerFailed
+from worker.trainer import KILL, STOP, Cancelled, TrainerCrashed, TrainerFailed
 
 
 class FakeTrainer:
@@ -32,19 +32,22 @@ class FakeTrainer:
             raise reply
         if callable(reply):  # something happens while the chunk trains; then the watch runs
             reply()
-            if not tick():
+            what = tick()
+            if what == KILL:
                 raise Cancelled("stopped")
-            return self._result(request)
+            return self._result(request, stopped=what == STOP)
         return reply if isinstance(reply, dict) else self._result(request)
 
     @staticmethod
-    def _result(request: dict[str, Any]) -> dict[str, Any]:
+    def _result(request: dict[str, Any], stopped: bool = False) -> dict[str, Any]:
+        """The planned range trained, or (told to stop) its first step only."""
         layout_root = Path(request["job_dir"])
-        end = (request["chunk"] + 1) * 3
+        end = request["start"] + 1 if stopped else request["end"]
         path = layout_root / "checkpoints" / f"step{end}.pt"
         digest = checkpoint.save({"step": end}, path)
-        return {"start_step": request["chunk"] * 3, "end_step": end, "seconds": 0.1, "loss_last": 1.0,
-                "images_per_s": 10.0, "checkpoint_sha256": digest, "environment": {"device": "cpu"}}
+        return {"start_step": request["start"], "end_step": end, "seconds": 0.1, "loss_last": 1.0,
+                "images_per_s": 10.0, "checkpoint_sha256": digest, "environment": {"device": "cpu"},
+                "stopped": "told" if stopped else None}
 
     pid = None
 
@@ -150,9 +153,13 @@ def test_corrupt_start_checkpoint_rolls_back_to_the_newest_good_one(rig: Any) ->
     rt.trainer.script = [TrainerFailed("CheckpointError", f"{layout.checkpoint(6)}: checksum mismatch")]
     tasks.handle_train(rt, job_id, 2)
     state = control.store.state(job_id)
-    assert (state.chunk, state.step, state.status) == (1, 3, JobStatus.running)
-    assert "continuing from step 3" in state.events[-2].what or any("continuing from step 3" in e.what for e in state.events)
-    assert [job_id, 1] in messages(rt)
+    # Back to step 3; the chunk that redoes steps 3..6 keeps the number 2 (chunk numbers only grow).
+    assert (state.chunk, state.step, state.status, state.n_chunks) == (2, 3, JobStatus.running, 5)
+    assert any("continuing from step 3" in e.what for e in state.events)
+    assert [job_id, 2] in messages(rt)
+    rt.trainer.script = ["ok"]
+    assert tasks.handle_train(rt, job_id, 2) == "committed chunk 2"
+    assert rt.trainer.requests[-1]["start"] == 3 and control.store.state(job_id).step == 6
 
 
 def test_cancel_stops_a_running_chunk(rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,17 +22,35 @@ from segmodel.engine import train_range
 pytestmark = pytest.mark.e2e
 
 
+# A worker's extra command-line arguments and environment.
+WorkerSetup = tuple[list[str], dict[str, str]]
+
+
 class Cluster:
-    def __init__(self, procs: Procs, redis_url: str) -> None:
+    def __init__(self, procs: Procs, redis_url: str, workers: dict[str, WorkerSetup] | None = None) -> None:
         self.procs = procs
         port = free_port()
         self.api = f"http://127.0.0.1:{port}"
         procs.env.update(RELAY_BROKER_URL=redis_url, RELAY_API_URL=self.api)
         self.storage = Path(procs.env["RELAY_STORAGE"])
         self.scheduler = procs.start("scheduler", "--port", str(port), name="scheduler")
-        self.workers = {name: procs.start("worker", "--name", name, name=name) for name in ("w1", "w2")}
+        workers = workers if workers is not None else {"w1": ([], {}), "w2": ([], {})}
+        self.workers = {name: self.start_worker(name, *setup) for name, setup in workers.items()}
         wait_for(self._healthy, 60, "the scheduler's /healthz")
-        wait_for(lambda: len(self.get("/api/queue")["workers"]) == 2, 90, "two workers online")
+        wait_for(lambda: len(self.get("/api/queue")["workers"]) == len(workers), 90, f"{len(workers)} workers online")
+
+    def start_worker(self, name: str, args: list[str] | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.procs.start("worker", "--name", name, *(args or []), name=name, env=env)
+
+    def commits(self, job_id: str) -> list[dict[str, Any]]:
+        path = self.layout(job_id).commit_log
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def steps_trained(self, job_id: str) -> int:
+        """The newest step in the job's training metrics (written as each step ends)."""
+        path = self.layout(job_id).root / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return max((json.loads(line)["step"] for line in lines if line.strip().endswith("}")), default=0)
 
     def _healthy(self) -> bool:
         try:
@@ -49,6 +67,8 @@ class Cluster:
                 "--engine", spec.engine, "--no-pretrained", "--json", *extra]
         if spec.chunk_steps:
             args += ["--chunk-steps", str(spec.chunk_steps)]
+        if spec.chunk_minutes:
+            args += ["--chunk-minutes", str(spec.chunk_minutes)]
         out = json.loads(self.procs.relay(*args).stdout)
         assert out["state"] in ("queued", "running")
         return out["id"]
@@ -271,3 +291,65 @@ def test_init_weights_and_extend_through_the_cli(cluster: Cluster, tiny_data: di
     ref = control.store.layout(ref_id)
     train_range(control.store.spec(ref_id), ref.root, 0, 12, cache_dir=tmp_path / "ref-cache")
     assert_equal_weights(cluster.final_weights(job_id, 4), checkpoint.load(ref.weight(4)))
+
+
+# ---- preemption: time budgets, SIGTERM, runtime limits (each step throttled to be catchable) ----
+
+SLOW = {"RELAY_THROTTLE_STEP_S": "0.5"}
+
+
+def _reference(spec: Any, tmp_path: Path, steps: int, epoch: int) -> dict[str, torch.Tensor]:
+    ref_dir = tmp_path / "ref"
+    train_range(spec, ref_dir, 0, steps, cache_dir=ref_dir / "cache")
+    return checkpoint.load(JobLayout(ref_dir).weight(epoch))
+
+
+def test_sigterm_commits_mid_chunk_and_another_worker_goes_on(procs: Procs, redis_url: str, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    spec = tiny_spec(tiny_data, epochs=2, chunk_steps=8)  # one planned chunk of 8 steps
+    cluster = Cluster(procs, redis_url, {"w1": ([], SLOW), "w2": ([], SLOW)})
+    job_id = cluster.submit(spec)
+    victim = wait_for(lambda: next((w["node"] for w in cluster.get("/api/queue")["workers"] if w.get("job") == job_id), None),
+                      120, "a worker to take the chunk", every=0.05)
+    wait_for(lambda: cluster.steps_trained(job_id) >= 2, 120, "two steps trained", every=0.05)
+    cluster.workers[victim].send_signal(signal.SIGTERM)  # the main process only, as `docker stop` does
+    assert cluster.workers[victim].wait(timeout=120) == 0
+    first = cluster.commits(job_id)[0]
+    assert first["worker"] == victim and first["ended"] == "signal" and 2 <= first["end_step"] < 8, first
+    assert "warm shutdown" in procs.log(victim).lower()
+    job = cluster.wait_state(job_id, ("succeeded", "failed"), timeout=240)
+    assert job["state"] == "succeeded", job["reason"]
+    commits = cluster.commits(job_id)
+    assert [c["chunk"] for c in commits] == [0, 1] and commits[1]["start_step"] == first["end_step"] and commits[1]["end_step"] == 8
+    assert commits[1]["worker"] != victim and commits[1]["ended"] == "job end"
+    assert any(f"chunk 0 ended at step {first['end_step']} of 0..8" in e["what"] for e in job["events"])
+    assert_equal_weights(cluster.final_weights(job_id, 2), _reference(spec, tmp_path, 8, 2))
+
+
+def test_time_budget_chunks_on_workers_of_two_speeds(procs: Procs, redis_url: str, tiny_data: dict[str, Path], reference: dict[str, torch.Tensor]) -> None:
+    cluster = Cluster(procs, redis_url, {"slow": ([], {"RELAY_THROTTLE_STEP_S": "0.3"}), "fast": ([], {"RELAY_THROTTLE_STEP_S": "0.05"})})
+    spec = tiny_spec(tiny_data, chunk_steps=None, chunk_minutes=0.012)  # 0.72 s per chunk
+    job_id = cluster.submit(spec)
+    job = cluster.wait_state(job_id, ("succeeded", "failed"), timeout=300)
+    assert job["state"] == "succeeded", job["reason"]
+    assert_equal_weights(cluster.final_weights(job_id), reference)
+    history = job["history"]
+    assert [h["chunk"] for h in history] == list(range(len(history))) and history[-1]["end_step"] == 12
+    assert all(a["end_step"] == b["start_step"] for a, b in zip(history, history[1:]))
+    assert {h["ended"] for h in history[:-1]} == {"budget"} and history[-1]["ended"] in ("budget", "job end")
+    assert len({h["end_step"] - h["start_step"] for h in history}) > 1, history  # the chunks differ in steps
+    assert all(cluster.layout(job_id).weight(e).is_file() for e in (1, 2, 3))
+
+
+def test_max_runtime_commits_and_exits_and_idle_workers_leave(procs: Procs, redis_url: str, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    spec = tiny_spec(tiny_data, epochs=4, chunk_steps=16)  # one chunk of 16 steps of at least a second
+    cluster = Cluster(procs, redis_url, {"w1": (["--max-runtime", "20s"], {"RELAY_THROTTLE_STEP_S": "1"})})
+    job_id = cluster.submit(spec)
+    assert cluster.workers["w1"].wait(timeout=120) == 0
+    first = cluster.commits(job_id)[0]
+    assert first["worker"] == "w1" and first["ended"] == "runtime limit" and 1 <= first["end_step"] < 16, first
+    # A worker that finds nothing left to do after the job leaves by itself.
+    late = cluster.start_worker("w2", ["--exit-when-idle", "3s"])
+    assert cluster.wait_state(job_id, ("succeeded", "failed"), timeout=240)["state"] == "succeeded"
+    assert late.wait(timeout=120) == 0
+    assert [c["worker"] for c in cluster.commits(job_id)] == ["w1", "w2"]
+    assert_equal_weights(cluster.final_weights(job_id, 4), _reference(spec, tmp_path, 16, 4))

@@ -294,7 +294,7 @@ class InlineTrainer:
     def run(self, request: dict[str, Any], tick: Any) -> dict[str, Any]:
         spec = TrainSpec.model_validate(request["spec"])
         if request["op"] == "train":
-            return train_chunk(spec, request["job_dir"], request["chunk"], cache_dir=self.cache).to_dict()
+            return train_range(spec, request["job_dir"], request["start"], request["end"], cache_dir=self.cache).to_dict()
         return evaluate(spec, Path(request["job_dir"]), Path(request["weights"]))
 
 

@@ -9,8 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import SCALARS, Even
 
 from conftest import tiny_spec
 from segmodel.layout import JobLayout
-from segmodel.spec import ChunkPlan
-from worker.trainer import TrainerProcess
+from segmodel.spec import ChunkPlan, TrainSpec
+from segmodel.train import chunk_range
+from worker.trainer import GO, TrainerProcess
 
 
 def _run(log_dir: Path) -> EventAccumulator:
@@ -23,10 +24,11 @@ def _run(log_dir: Path) -> EventAccumulator:
 def _train(spec_dict: dict, job_dir: Path, chunk: int, attempt: int = 1, worker: str = "w") -> dict:
     """One chunk in a fresh trainer process, killed afterwards: as if each chunk ran on another worker."""
     trainer = TrainerProcess()
+    start, end = chunk_range(TrainSpec.model_validate(spec_dict), chunk)
     try:
-        return trainer.run({"op": "train", "spec": spec_dict, "job_dir": str(job_dir), "chunk": chunk,
+        return trainer.run({"op": "train", "spec": spec_dict, "job_dir": str(job_dir), "chunk": chunk, "start": start, "end": end,
                             "cache_dir": str(job_dir.parent / "cache"),
-                            "attempt": attempt, "worker": worker}, tick=lambda: True)
+                            "attempt": attempt, "worker": worker}, tick=lambda: GO)
     finally:
         trainer.kill()
 

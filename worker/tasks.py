@@ -1,10 +1,15 @@
 """The chunk protocol: a message (job_id, chunk) moves a job exactly one chunk forward, or nothing.
 
 On receipt: drop it if the job is past that chunk, not active, or leased by another worker; else
-take the lease, count the attempt, train in the trainer process while a heartbeat renews the lease,
-commit with a compare-and-set (the job must still be at this chunk and the lease still ours),
-enqueue the next chunk (or the evaluation), release. Storage, not the broker, says where a job
-stands, so duplicated, stale and redelivered messages are harmless.
+take the lease, count the attempt, train in the trainer process from the job's committed step
+while a heartbeat renews the lease, commit with a compare-and-set (the job must still be at this
+chunk and the lease still ours), enqueue the next chunk (or the evaluation), release. Storage, not
+the broker, says where a job stands, so duplicated, stale and redelivered messages are harmless.
+
+A chunk is planned to end at the next line of the job's grid (`ChunkPlan.planned_end`); it ends
+sooner at a step boundary when its time budget runs out, when the job is paused, or when the
+worker is told to stop (`worker.lifetime`), and commits there: the next chunk goes on from that
+step on any worker, and the weights are the same bits as if the chunk had been planned to end there.
 """
 from __future__ import annotations
 
@@ -17,16 +22,17 @@ from celery import shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from scheduler.broker import Broker
-from scheduler.jobs import ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
+from scheduler.jobs import ENDED, ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
 from segmodel.data import read_list
 from worker.trainer_env import worker_env
-from segmodel.spec import ChunkPlan
+from segmodel.spec import ChunkPlan, TrainSpec
 from worker.app import EVAL_TASK, TRAIN_TASK, make_app
 from worker.jobfiles import JobFiles
+from worker.lifetime import stop_requested
 from worker.lease import Leases, make_leases
 from worker.registry import WorkerRegistry
 from worker.settings import Settings
-from worker.trainer import Cancelled, TrainerCrashed, TrainerFailed, TrainerProcess
+from worker.trainer import GO, KILL, STOP, Cancelled, TrainerCrashed, TrainerFailed, TrainerProcess
 
 log = logging.getLogger("relay.worker")
 STATE_POLL_S = 1.0
@@ -76,29 +82,35 @@ def _shut_down(**_: Any) -> None:
 
 
 class _Watch:
-    """Called between polls of the trainer: renew the lease, and stop on cancel or a lost lease."""
+    """Called between polls of the trainer: renew the lease; kill on cancel or a lost lease; ask
+    for a stop at the next step when the job is paused or the worker is told to stop."""
 
     def __init__(self, rt: Runtime, job_id: str, token: str) -> None:
         self.rt, self.job_id, self.token = rt, job_id, token
         self.renewed = self.polled = time.monotonic()
         self.why_stopped = ""
+        self.stop_reason: str | None = None  # a key of scheduler.jobs.ENDED
 
-    def __call__(self) -> bool:
+    def __call__(self) -> str:
         now = time.monotonic()
         if now - self.renewed >= self.rt.settings.heartbeat_s:
             if not self.rt.leases.renew(self.job_id, self.token):
                 # Lost (expired, or the broker was flushed): retake it unless someone else has it.
                 if self.rt.leases.acquire(self.job_id, self.rt.settings.node, self.token) is None:
                     self.why_stopped = "lease taken by another worker"
-                    return False
+                    return KILL
             self.renewed = now
+        if self.stop_reason is None:
+            self.stop_reason = stop_requested(self.rt.settings.caches, self.rt.settings.node)
         if now - self.polled >= STATE_POLL_S:
             self.polled = now
             status = self.rt.store.state(self.job_id).status
             if status in (JobStatus.cancelled, JobStatus.failed):
                 self.why_stopped = f"job {status.value}"
-                return False
-        return True
+                return KILL
+            if status == JobStatus.paused and self.stop_reason is None:
+                self.stop_reason = "pause"
+        return STOP if self.stop_reason else GO
 
 
 def _begin(rt: Runtime, job_id: str, is_current: Any) -> tuple[JobState, bool]:
@@ -175,20 +187,21 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         attempt = begun.attempts
         layout = files.layout
         plan = ChunkPlan(spec, len(read_list(spec.train)))
+        start, end = begun.step, plan.planned_end(begun.step)
         rt.trainer.start()
         rt.registry.doing(job_id, chunk, rt.trainer.pid)
         started = time.time()
-        if (digest := rt.store.checkpoint_digest(job_id, plan.end(chunk))) is not None:
+        if (done := rt.store.newest_good_checkpoint(job_id, before=end, after=start)) > start:
             # Trained before, not committed (the worker died in between): commit, don't retrain.
-            result: dict[str, Any] = {"start_step": plan.start(chunk), "end_step": plan.end(chunk), "loss_last": state.last_loss or 0.0,
+            result: dict[str, Any] = {"start_step": start, "end_step": done, "loss_last": state.last_loss or 0.0,
                                       "images_per_s": 0.0, "seconds": 0.0, "environment": {"recovered": True},
-                                      "checkpoint_sha256": digest}
+                                      "checkpoint_sha256": rt.store.checkpoint_digest(job_id, done), "stopped": "recovered"}
         else:
             files.begin()
-            files.pull(f"checkpoints/step{plan.start(chunk)}.pt", "checkpoints/backbone.pt", "init_weights.pt")
+            files.pull(f"checkpoints/step{start}.pt", "checkpoints/backbone.pt", "init_weights.pt")
             watch = _Watch(rt, job_id, token)
             request = {"op": "train", "spec": spec.model_dump(), "job_dir": str(layout.root), "chunk": chunk,
-                       "cache_dir": str(rt.settings.caches),
+                       "start": start, "end": end, "cache_dir": str(rt.settings.caches),
                        "attempt": attempt, "worker": rt.settings.node}
             try:
                 result = rt.trainer.run(request, watch)
@@ -208,7 +221,9 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
                 rt.trainer.kill()  # abandoned (e.g. broker unreachable): its late reply must not answer the next request
                 raise
             files.push(f"c{chunk:05d}.a{attempt}.{rt.settings.node}")
-        record = ChunkRecord(chunk=chunk, worker=rt.settings.node, attempt=attempt,
+            if result["stopped"] == "told":
+                result["stopped"] = watch.stop_reason
+        record = ChunkRecord(chunk=chunk, worker=rt.settings.node, attempt=attempt, ended=result["stopped"] or _planned_end(spec, plan, result["end_step"]),
                              started_at=started, ended_at=time.time(), **{k: result[k] for k in (
                                  "start_step", "end_step", "seconds", "loss_last", "images_per_s", "checkpoint_sha256", "environment")})
 
@@ -219,13 +234,17 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             if not rt.leases.renew(job_id, token):
                 return False
             s.chunk, s.step, s.attempts, s.worker = chunk + 1, record.end_step, 0, None
+            s.replan()
             s.last_loss, s.last_error = record.loss_last, None
             s.history.append(record)
+            if record.end_step < end and record.ended != "recovered":
+                s.note(f"chunk {chunk} ended at step {record.end_step} of {start}..{end}: {ENDED.get(record.ended, record.ended)}")
             if record.environment.get("deterministic") is False:
                 s.note(f"chunk {chunk} ran without deterministic kernels ({record.environment.get('why_not')}): "
                        f"the job's weights are reproducible within float rounding only")
             rt.store.log(job_id, {"chunk": chunk, "start_step": record.start_step, "end_step": record.end_step,
-                                  "worker": rt.settings.node, "token": token, "started_at": started, "committed_at": time.time()},
+                                  "ended": record.ended, "worker": rt.settings.node, "token": token, "started_at": started,
+                                  "committed_at": time.time()},
                          f"c{chunk:05d}.{token}")
             if s.status == JobStatus.paused:
                 s.note(f"paused after chunk {chunk}")
@@ -241,6 +260,13 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         files.clean()
         rt.registry.doing(None, None)
         rt.leases.release(job_id, token)
+
+
+def _planned_end(spec: TrainSpec, plan: ChunkPlan, step: int) -> str:
+    """Why a chunk that ran to its planned end ended there."""
+    if step >= plan.total_steps:
+        return "job end"
+    return "steps" if spec.chunk_steps else "epoch"
 
 
 def handle_evaluate(rt: Runtime, job_id: str) -> str:

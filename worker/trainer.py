@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,12 @@ class TrainerFailed(RuntimeError):
 
 
 class Cancelled(RuntimeError):
-    """The request was stopped on purpose (cancel, pause, lost lease)."""
+    """The request was killed on purpose (cancel, lost lease)."""
+
+
+# What a watch tells a running request between polls: go on; end the chunk at its next step and
+# commit there (SIGUSR1 to the trainer; an evaluation finishes); or kill it now.
+GO, STOP, KILL = "go", "stop", "kill"
 
 
 def _die_with_parent() -> None:
@@ -81,9 +87,10 @@ class TrainerProcess:
         self.proc.wait()
         self.proc = None
 
-    def run(self, request: dict[str, Any], tick: Callable[[], bool], tick_s: float = 0.5) -> dict[str, Any]:
-        """Send one request and wait for its answer, calling `tick` every `tick_s`; when tick
-        returns False the trainer is killed and Cancelled raised."""
+    def run(self, request: dict[str, Any], tick: Callable[[], str], tick_s: float = 0.5) -> dict[str, Any]:
+        """Send one request and wait for its answer, calling `tick` every `tick_s`: on STOP the
+        trainer is asked to stop (again at every tick, so a request it had not yet read is asked
+        too), on KILL it is killed and Cancelled raised."""
         self.start()
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
         try:
@@ -106,9 +113,15 @@ class TrainerProcess:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
                 hint = " (out of memory?)" if code == -signal.SIGKILL else ""
                 raise TrainerCrashed(f"trainer process {how}{hint}")
-            if not tick():
+            what = tick()
+            if what == KILL:
                 self.kill()
                 raise Cancelled("stopped while running")
+            if what == STOP:
+                try:
+                    os.kill(self.proc.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass  # it died: the next select reports it
 
 
 def _serve() -> None:
@@ -118,7 +131,7 @@ def _serve() -> None:
     from segmodel.data import read_list
     from segmodel.evaluate import evaluate
     from segmodel.spec import ChunkPlan, TrainSpec
-    from segmodel.engine import train_chunk
+    from segmodel.engine import train_range
     from scheduler.jobs import append_jsonl
 
     def open_tensorboard(job_dir: Path, tags: dict[str, Any], purge_step: int | None) -> SummaryWriter:
@@ -139,18 +152,32 @@ def _serve() -> None:
 
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must not corrupt the reply channel
+    # Seconds to sleep after each step: a slower machine, for tests and demos of time budgets.
+    throttle_s = float(os.environ.get("RELAY_THROTTLE_STEP_S", "0") or 0)
+    told_to_stop = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: told_to_stop.set())
     for line in sys.stdin.buffer:
         request = json.loads(line)
+        told_to_stop.clear()  # a stop meant for an earlier request; the worker repeats its own
         writer: SummaryWriter | None = None
         try:
             spec = TrainSpec.model_validate(request["spec"])
             job_dir = Path(request["job_dir"])
             if request["op"] == "train":
+                budget_ends = time.monotonic() + spec.chunk_minutes * 60 if spec.chunk_minutes else None
+
+                def stop() -> str | None:
+                    if told_to_stop.is_set():
+                        return "told"
+                    return "budget" if budget_ends is not None and time.monotonic() >= budget_ends else None
+
                 tags = {"chunk": request["chunk"], "attempt": request["attempt"], "worker": request["worker"]}
                 metrics = job_dir / "metrics.jsonl"
 
                 def on_step(m: dict[str, Any]) -> None:
                     nonlocal writer
+                    if throttle_s:
+                        time.sleep(throttle_s)
                     append_jsonl(metrics, {**m, **tags, "time": time.time()})
                     if writer is None:  # opened at the first step: a chunk that never trains leaves no file
                         writer = open_tensorboard(job_dir, tags, purge_step=m["step"])
@@ -158,7 +185,8 @@ def _serve() -> None:
                     writer.add_scalar("train/lr", m["lr"], m["step"])
                     writer.add_scalar("train/images_per_s", m["images_per_s"], m["step"])
 
-                result = train_chunk(spec, job_dir, request["chunk"], cache_dir=request["cache_dir"], on_step=on_step).to_dict()
+                result = train_range(spec, job_dir, request["start"], request["end"], cache_dir=request["cache_dir"],
+                                     on_step=on_step, stop=stop).to_dict()
             else:
                 result = evaluate(spec, job_dir, Path(request["weights"]), cache_dir=request.get("cache_dir"))
                 writer = open_tensorboard(job_dir, {}, purge_step=None)
