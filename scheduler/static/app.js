@@ -527,7 +527,7 @@
         h("p", { class: "muted" }, "Which worker trained each chunk, and when. Red: an attempt that failed or was lost; striped: in progress."),
         el.timeline,
         h("table", { id: "chunks", class: "table compact" },
-          h("thead", {}, h("tr", {}, ...["chunk", "steps", "worker", "attempt", "started", "seconds", "loss", "img/s", "device"]
+          h("thead", {}, h("tr", {}, ...["chunk", "steps", "ended", "worker", "attempt", "started", "seconds", "loss", "img/s", "device"]
             .map((t, i) => h("th", { class: i >= 5 && i <= 7 ? "num" : "" }, t)))), el.chunks),
         h("h3", {}, "Events ", h("label", { class: "toggle" }, eventsToggle, " show routine events too")),
         el.events),
@@ -719,14 +719,14 @@
         const recovered = c.environment && c.environment.recovered;
         return h("tr", { class: "chunk-row", dataset: { chunk: c.chunk, worker: c.worker } },
           h("td", {}, String(c.chunk)), h("td", {}, `${c.start_step}–${c.end_step}`),
-          h("td", {}, sw, c.worker), h("td", { class: attempt > 1 ? "warn" : "" }, String(attempt)),
+          h("td", { title: "why the chunk ended here" }, c.ended || ""), h("td", {}, sw, c.worker), h("td", { class: attempt > 1 ? "warn" : "" }, String(attempt)),
           h("td", {}, fmtClock(c.started_at)),
           h("td", { class: "num" }, recovered ? "recovered" : c.seconds.toFixed(1)),
           h("td", { class: "num" }, recovered ? "–" : c.loss_last.toFixed(4)),
           h("td", { class: "num" }, recovered ? "–" : c.images_per_s.toFixed(1)),
           h("td", {}, (c.environment && c.environment.device) || ""));
       }));
-      if (!job.history.length) el.chunks.replaceChildren(h("tr", { class: "empty" }, h("td", { colspan: 9 }, "No chunk committed yet.")));
+      if (!job.history.length) el.chunks.replaceChildren(h("tr", { class: "empty" }, h("td", { colspan: 10 }, "No chunk committed yet.")));
     }
 
     function renderEvents(job) {
