@@ -1,6 +1,9 @@
 """Fault injection: a multi-chunk job on a real redis-server and several workers, hit at random
-moments by kills, broker loss, duplicated and stale messages and corrupted checkpoints. Each trial
-then checks every guarantee and the run prints a table; any violated check exits non-zero.
+moments by kills, preemptions, broker loss, duplicated and stale messages and corrupted
+checkpoints. Each trial then checks every guarantee and the run prints a table; any violated
+check exits non-zero. A graceful preemption (`term_worker`: SIGTERM) may retrain at most one step;
+`preempt_kill` (SIGTERM, then SIGKILL after a random grace of 0-3 s) loses what the grace did not
+let it commit, and the table reports both.
 
     python bench/chaos.py --trials 10 --seed 0           # the short profile CI runs
     python bench/chaos.py --trials 100 --seed 1          # a long profile, on demand
@@ -19,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,8 +42,9 @@ from worker.app import EVAL_TASK, TRAIN_TASK, make_app
 from worker.registry import online
 from worker.settings import Settings
 
-FAULTS = ("kill_worker", "kill_trainer", "term_worker", "redis_restart", "flushall", "scheduler_restart",
+FAULTS = ("kill_worker", "kill_trainer", "term_worker", "preempt_kill", "redis_restart", "flushall", "scheduler_restart",
           "duplicate", "stale", "corrupt_newest", "corrupt_older")
+PREEMPTIONS = ("term_worker", "preempt_kill")
 WORKERS = 3
 
 
@@ -101,6 +106,7 @@ class Rig:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.storage = root / "storage"
+        self.victim = ""  # the worker the last kill or preemption hit
         self.redis_port = free_port()
         self.api_port = free_port()
         self.broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
@@ -198,6 +204,8 @@ def _ping(client: Any) -> bool:
 @dataclass
 class Trial:
     faults: list[tuple[str, float]] = field(default_factory=list)   # (kind, when)
+    preempted: list[tuple[str, str]] = field(default_factory=list)  # (kind, worker) of each preemption
+    retrained: list[tuple[str, int]] = field(default_factory=list)  # (kind, steps the preempted worker trained in vain)
     recoveries: list[float] = field(default_factory=list)
     lost_steps: int = 0
     violations: list[str] = field(default_factory=list)
@@ -208,14 +216,20 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
     """Apply one fault; False if it could not apply right now (e.g. no chunk running)."""
     layout = JobLayout(rig.storage / "jobs" / job_id)
     state = JobStore(rig.storage).state(job_id)
-    if kind in ("kill_worker", "term_worker"):
+    if kind in ("kill_worker", *PREEMPTIONS):
         busy = {w["node"] for w in online(rig.storage) if w.get("job") == job_id}
-        victims = [w for w in rig.live_workers() if w.args[-1] in busy] or rig.live_workers()
-        victim = rng.choice(victims)
+        victims = [w for w in rig.live_workers() if w.args[-1] in busy]
+        if kind in PREEMPTIONS and not victims:
+            return False  # a preemption is measured on a worker with a chunk in hand
+        victim = rng.choice(victims or rig.live_workers())
+        rig.victim = victim.args[-1]
         if kind == "kill_worker":
             os.kill(victim.pid, signal.SIGKILL)  # the main process only; its pool child is orphaned
         else:
-            os.kill(victim.pid, signal.SIGTERM)  # warm shutdown: finishes the chunk in hand
+            os.kill(victim.pid, signal.SIGTERM)  # warm shutdown: the chunk stops at its next step and commits
+        if kind == "preempt_kill":  # the grace period runs out: the whole worker goes, as `docker kill` does
+            grace = rng.uniform(0, 3)
+            threading.Timer(grace, lambda: _killpg(victim.pid)).start()
         rig.start_worker()
     elif kind == "kill_trainer":
         pid = rig.busy_trainer(job_id)
@@ -254,6 +268,31 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
             i = rng.randrange(len(data))
             path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])  # one flipped byte
     return True
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def retrained_by(layout: JobLayout, worker: str) -> int:
+    """Steps `worker` trained that no commit of its kept: work its preemption threw away."""
+    kept = set()
+    for line in layout.commit_log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("worker") == worker:
+            kept.update(range(rec["start_step"], rec["end_step"]))
+    trained = set()
+    for line in layout.metrics_file.read_text().splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if m["worker"] == worker:
+            trained.add(m["step"] - 1)  # a metrics line is written as step `step` ends: step index step-1
+    return len(trained - kept)
 
 
 def check(rig: Rig, job_id: str, bystanders: dict[str, str], reference: dict[str, torch.Tensor], spec: TrainSpec, app: Any,
@@ -340,6 +379,8 @@ def run_trial(i: int, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tens
             time.sleep(0.1)
         else:
             trial.faults.append((kind, time.time()))
+            if kind in PREEMPTIONS:
+                trial.preempted.append((kind, rig.victim))
     wait_for(lambda: store.state(job_id).status.final, 300, f"trial {i}: the job to end (logs in {rig.root})")
     trial.seconds = time.time() - t0
     commits = [json.loads(x) for x in store.layout(job_id).commit_log.read_text().splitlines()]
@@ -348,6 +389,11 @@ def run_trial(i: int, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tens
         nxt = min((c["committed_at"] for c in commits if "committed_at" in c and c["committed_at"] > when), default=done_at)
         trial.recoveries.append(nxt - when)
     check(rig, job_id, bystanders, reference, spec, app, trial)
+    for kind, worker in trial.preempted:
+        lost = retrained_by(store.layout(job_id), worker)
+        trial.retrained.append((kind, lost))
+        if kind == "term_worker" and lost > 1:
+            trial.violations.append(f"a graceful preemption of {worker} threw away {lost} steps (at most 1 allowed)")
     return trial
 
 
@@ -368,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="relay-chaos-"))
     lists = generate(root / "data", train=16, val=4, seed=args.seed, size=64)
-    spec = TrainSpec(train=str(lists["train"]), val=str(lists["val"]), epochs=5, chunk_steps=2, batch_size=4,
+    spec = TrainSpec(train=str(lists["train"]), val=str(lists["val"]), epochs=5, chunk_steps=4, batch_size=4,
                      height=240, width=240, pretrained=False, seed=args.seed)
     train_range(spec, root / "reference", 0, spec.epochs * 4, cache_dir=root / "reference-cache")
     reference = checkpoint.load(JobLayout(root / "reference").weight(spec.epochs))
@@ -423,6 +469,11 @@ def report(trials: list[Trial], spec: TrainSpec) -> None:
         print(f"time to the next commit after a fault: median {statistics.median(recoveries):.1f} s, worst {max(recoveries):.1f} s")
     lost = sum(t.lost_steps for t in trials)
     print(f"work lost: {lost} steps retrained in all ({lost / max(n_faults, 1):.2f} per fault; a chunk is {spec.chunk_steps} steps)")
+    for kind in PREEMPTIONS:
+        lost = [n for t in trials for k, n in t.retrained if k == kind]
+        if lost:
+            print(f"{kind}: {len(lost)} preemptions, steps retrained per preemption: mean {statistics.mean(lost):.2f}, "
+                  f"max {max(lost)} (a chunk is {spec.chunk_steps} steps)")
     print(f"violated checks: {violations}")
 
 

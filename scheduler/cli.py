@@ -429,8 +429,8 @@ def scheduler(host: str | None, port: int | None, access_log: bool) -> None:
                                              "instead of pausing it")
 def run(workers: int, log_every: float, attach: str | None, detach: bool, **kw: Any) -> None:
     """Run a job start to end on the embedded default (no Redis, no Docker): print the evaluation
-    and the final weights' path. Ctrl-C pauses the job once the chunk in flight has committed
-    (exit 7); `relay run --attach JOB` continues it."""
+    and the final weights' path. Ctrl-C pauses the job once the chunk in flight has stopped at its
+    next step and committed (exit 7); `relay run --attach JOB` continues it."""
     from scheduler.control import AmbiguousJob, Control, SpecRejected, TransitionRefused
     from scheduler.jobs import JobNotFound
     from scheduler.reconciler import Reconciler
@@ -512,8 +512,9 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _interrupted(control: Any, job_id: str, detach: bool) -> dict[str, Any]:
-    """Ctrl-C: pause (unless detaching), then wait for the chunk in flight to commit so no work is
-    lost. A second Ctrl-C stops waiting: that chunk is trained again from its start."""
+    """Ctrl-C: pause (unless detaching), then wait for the chunk in flight to stop at its next step
+    and commit, so no work is lost. A second Ctrl-C stops waiting: the steps since the chunk's
+    last commit are trained again."""
     from scheduler.control import TransitionRefused
 
     if detach:
@@ -523,7 +524,7 @@ def _interrupted(control: Any, job_id: str, detach: bool) -> dict[str, Any]:
         control.pause(job_id)
     except TransitionRefused:
         return control.view(job_id)  # it ended meanwhile
-    click.echo(f"\ninterrupted: pausing job {job_id} once the chunk in flight has committed (Ctrl-C again: don't wait)",
+    click.echo(f"\ninterrupted: pausing job {job_id}: the chunk in flight stops at its next step and commits (Ctrl-C again: don't wait)",
                err=True)
     try:
         while control.leases.holder(job_id) is not None:

@@ -69,7 +69,8 @@ class ChunkRecord(BaseModel):
     chunk: int
     start_step: int
     end_step: int
-    ended: str = "steps"  # a key of ENDED    worker: str
+    ended: str = "steps"  # why it ended: a key of ENDED
+    worker: str
     attempt: int
     started_at: float
     ended_at: float

@@ -258,6 +258,46 @@ def test_ctrl_c_on_relay_run_pauses_and_attach_finishes(procs: Procs, tiny_data:
     assert_equal_weights(checkpoint.load(layout.weight(3)), reference)
 
 
+def test_ctrl_c_with_detach_leaves_the_job_running_and_attach_finishes(procs: Procs, tiny_data: dict[str, Path],
+                                                                      reference: dict[str, torch.Tensor]) -> None:
+    spec = tiny_spec(tiny_data)
+    log = procs.tmp / "run.log"
+    with open(log, "wb") as out:
+        run = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "run", "--train", spec.train, "--val", spec.val,
+                                "--epochs", "3", "--chunk-steps", "1", "--seed", "7", "--batch-size", "4",
+                                "--height", "64", "--width", "64", "--no-pretrained", "--detach"],
+                               env=procs.env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "chunk 2/12 done" in log.read_text(), 240, "two chunks committed")
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=120) == 7, log.read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    text = log.read_text()
+    job_id = text.split()[1].rstrip(":")
+    assert "leaving job" in text and "with no worker" in text and f"relay run --attach {job_id}" in text, text
+    layout = JobLayout(Path(procs.env["RELAY_STORAGE"]) / "jobs" / job_id)
+    state = json.loads(layout.state_file.read_text())
+    assert state["status"] == "running" and 2 <= state["step"] < 12, state  # the local workers stopped at a step
+    time.sleep(2)
+    assert json.loads(layout.state_file.read_text())["step"] == state["step"], "trained on with no worker"
+    attached = procs.relay("run", "--attach", job_id, timeout=300)
+    assert f"job {job_id}: attached" in attached.stdout and "final weights: " in attached.stdout
+    assert_equal_weights(checkpoint.load(layout.weight(3)), reference)
+
+
+def test_resume_wait_follows_the_job_to_its_end(cluster: Cluster, tiny_data: dict[str, Path], reference: dict[str, torch.Tensor]) -> None:
+    job_id = cluster.submit(tiny_spec(tiny_data, chunk_steps=1))
+    cluster.procs.relay("pause", job_id)
+    cluster.wait_state(job_id, ("paused",))
+    resumed = cluster.procs.relay("resume", job_id, "--wait", timeout=300)
+    first = resumed.stdout.splitlines()[0]
+    assert resumed.returncode == 0 and first in (f"{job_id}: running", f"{job_id}: queued") and "succeeded" in resumed.stdout, resumed.stdout
+    assert cluster.get(f"/api/jobs/{job_id}")["state"] == "succeeded"
+    assert_equal_weights(cluster.final_weights(job_id), reference)
+
+
 def test_init_weights_and_extend_through_the_cli(cluster: Cluster, tiny_data: dict[str, Path], tmp_path: Path) -> None:
     """A seed file starts a job at epoch 1 (`relay submit --init-weights --start-epoch`); `relay extend`
     takes it on to 4 epochs on the workers; it ends equal to that 4-epoch job run in one go."""
