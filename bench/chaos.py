@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import torch
 
-from scheduler.jobs import JobStatus, JobStore
+from segmodel.jobs import JobStatus, JobStore
 from segmodel import checkpoint
 from segmodel.layout import JobLayout
 from segmodel.spec import TrainSpec

@@ -55,7 +55,7 @@ print("RESULT " + json.dumps({"startup_s": t1 - t0, "train_s": t2 - t1, "eval_s"
 def main() -> None:
     from epoch import generate
 
-    from scheduler.jobs import JobStore
+    from segmodel.jobs import JobStore
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=64)

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from scheduler.bodylimit import BodyLimit
 from scheduler.control import AmbiguousJob, Control, SpecRejected, TransitionRefused
 from scheduler.health import BrokerDown
-from scheduler.jobs import IdempotencyConflict, JobNotFound, JobStatus
+from segmodel.jobs import IdempotencyConflict, JobNotFound, JobStatus
 from scheduler.responses import AsciiJSONResponse
 from scheduler.web import list_files, mount_dashboard
 from segmodel.spec import TrainSpec

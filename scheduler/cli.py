@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from scheduler.client import ApiError, Client
 from scheduler.views import print_job, print_report, print_status, watch_job
-from scheduler.jobs import JobStatus, JobStore
+from segmodel.jobs import JobStatus, JobStore
 from segmodel.errors import RelayError
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
@@ -401,7 +401,7 @@ def scheduler(host: str | None, port: int | None, access_log: bool) -> None:
     import uvicorn
 
     from scheduler.api import make_api
-    from scheduler.broker import QUEUES
+    from worker.broker import QUEUES
     from scheduler.control import Control
     from scheduler.reconciler import Reconciler
 
@@ -432,7 +432,7 @@ def run(workers: int, log_every: float, attach: str | None, detach: bool, **kw: 
     and the final weights' path. Ctrl-C pauses the job once the chunk in flight has stopped at its
     next step and committed (exit 7); `relay run --attach JOB` continues it."""
     from scheduler.control import AmbiguousJob, Control, SpecRejected, TransitionRefused
-    from scheduler.jobs import JobNotFound
+    from segmodel.jobs import JobNotFound
     from scheduler.reconciler import Reconciler
 
     settings = Settings().model_copy(update={"broker_url": None})

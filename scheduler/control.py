@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from scheduler.broker import QUEUES, Broker
+from worker.broker import QUEUES, Broker
 from scheduler.health import BrokerDown, BrokerGuard, health
-from scheduler.jobs import JobNotFound, JobState, JobStatus, JobStore
+from segmodel.jobs import JobNotFound, JobState, JobStatus, JobStore
 from segmodel import checkpoint
 from segmodel.data import read_list
 from segmodel.errors import DataError, InitWeightsError, show_path

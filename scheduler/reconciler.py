@@ -12,8 +12,8 @@ import logging
 import threading
 import time
 
-from scheduler.broker import Broker
-from scheduler.jobs import JobNotFound, JobStore
+from worker.broker import Broker
+from segmodel.jobs import JobNotFound, JobStore
 from worker.lease import Leases
 from worker.registry import online
 

@@ -26,7 +26,7 @@ def train_range(spec: TrainSpec, job_dir: Path | str, start: int, end: int, *, c
 
 
 def _validate_epochs(spec: TrainSpec, layout: JobLayout, start: int, end: int, cache_dir: Path | str) -> None:
-    from scheduler.jobs import append_jsonl  # the one way to append to a job's logs
+    from segmodel.jobs import append_jsonl  # the one way to append to a job's logs
     from segmodel.evaluate import validate
 
     plan = ChunkPlan(spec, len(read_list(spec.train)))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_spec
-from scheduler.jobs import JobNotFound, JobState, JobStore
+from segmodel.jobs import JobNotFound, JobState, JobStore
 from segmodel.storage import Storage, open_storage
 
 

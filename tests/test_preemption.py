@@ -15,7 +15,7 @@ from segmodel.engine import train_range
 from segmodel.layout import JobLayout
 from segmodel.spec import ChunkPlan
 from scheduler.cli import main
-from scheduler.jobs import JobStatus
+from segmodel.jobs import JobStatus
 from test_protocol import rig  # noqa: F401  (the fixture)
 from worker import tasks
 from worker.lifetime import Lifetime, parse_duration, stop_note

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from conftest import tiny_spec
-from scheduler.broker import Broker
+from worker.broker import Broker
 from scheduler.control import Control
-from scheduler.jobs import JobStatus
+from segmodel.jobs import JobStatus
 from segmodel import checkpoint
 from worker import tasks
 from worker.lease import FileLeases

@@ -125,7 +125,7 @@ def test_two_jobs_at_once_and_duplicate_messages(cluster: Cluster, tiny_data: di
     a = cluster.submit(tiny_spec(tiny_data))
     b = cluster.submit(tiny_spec(tiny_data))
     # Duplicated and stale messages for job a: they must neither move it twice nor backwards.
-    from scheduler.broker import Broker
+    from worker.broker import Broker
     from worker.app import TRAIN_TASK, make_app
     from worker.settings import Settings
 

@@ -19,9 +19,9 @@ from torchvision.models import alexnet
 
 from conftest import assert_equal_weights, tiny_spec
 from scheduler.api import make_api
-from scheduler.broker import Broker
+from worker.broker import Broker
 from scheduler.control import Control, SpecRejected, TransitionRefused
-from scheduler.jobs import JobNotFound, JobState, JobStatus
+from segmodel.jobs import JobNotFound, JobState, JobStatus
 from segmodel import checkpoint, determinism, train
 from segmodel.data import epoch_order
 from segmodel.engine import train_chunk, train_range

@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from scheduler.jobs import JobStore
+from segmodel.jobs import JobStore
 from segmodel.layout import JobLayout
 from segmodel.storage import LocalStorage, ObjectNotFound
 

@@ -21,8 +21,8 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from scheduler.broker import Broker
-from scheduler.jobs import ENDED, ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
+from worker.broker import Broker
+from segmodel.jobs import ENDED, ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
 from segmodel.data import read_list
 from worker.trainer_env import worker_env
 from segmodel.spec import ChunkPlan, TrainSpec
@@ -89,7 +89,7 @@ class _Watch:
         self.rt, self.job_id, self.token = rt, job_id, token
         self.renewed = self.polled = time.monotonic()
         self.why_stopped = ""
-        self.stop_reason: str | None = None  # a key of scheduler.jobs.ENDED
+        self.stop_reason: str | None = None  # a key of segmodel.jobs.ENDED
 
     def __call__(self) -> str:
         now = time.monotonic()

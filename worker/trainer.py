@@ -132,7 +132,7 @@ def _serve() -> None:
     from segmodel.evaluate import evaluate
     from segmodel.spec import ChunkPlan, TrainSpec
     from segmodel.engine import train_range
-    from scheduler.jobs import append_jsonl
+    from segmodel.jobs import append_jsonl
 
     def open_tensorboard(job_dir: Path, tags: dict[str, Any], purge_step: int | None) -> SummaryWriter:
         """A writer into the job's one TensorBoard run, <job_dir>/tensorboard, shared by every chunk

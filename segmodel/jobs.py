@@ -2,7 +2,7 @@
 
 Every state change is a compare-and-set on the job's state object (a conditional PUT on an object
 store), so concurrent workers and the scheduler never lose an update, and every write is whole, so
-a reader never sees a partial one.
+a reader never sees a partial one. Workers and the scheduler both use it; it uses neither.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the scheduler asks of the broker: send a job's next task, and see what is waiting.
+"""What workers and the scheduler ask of the broker: send a job's next task, and see what is waiting.
 
 Queue depths are read from the broker itself (Redis LLEN, or the embedded transport's files):
 Flower only reports queues some live worker consumes.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from scheduler.jobs import JobState, JobStore
+from segmodel.jobs import JobState, JobStore
 from worker import redis_url
 from worker.app import EVAL_TASK, TRAIN_TASK, broker_folders
 from worker.settings import Settings

@@ -1,0 +1,21 @@
+"""The layers: segmodel/ (model, training, storage, the job store) below worker/ below scheduler/."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BELOW = {"segmodel": {"worker", "scheduler"}, "worker": {"scheduler"}}
+
+
+@pytest.mark.parametrize("package", sorted(BELOW))
+def test_nothing_imports_upwards(package: str) -> None:
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in BELOW[package]]
+    assert not found, "\n".join(found)
