@@ -111,7 +111,7 @@ def _confusion_fast(
     feats = None
     if spec.freeze_backbone and caches.cacheable_backbone(model.features):
         feats = caches.feature_cache(data, model.features, cache_dir, device, progress=on_progress)
-    c, size = spec.num_classes, (spec.height, spec.width)
+    c = spec.num_classes
     counts = torch.zeros(c * c, dtype=torch.int64)
     shown: Shown = ([], [], [])
     n = len(data)

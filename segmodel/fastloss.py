@@ -287,6 +287,15 @@ if hasattr(os, "register_at_fork"):
 
 # ---- the loss ---------------------------------------------------------------------------------------
 
+def _valid_pixels(target: torch.Tensor, classes: int, ignore_index: int) -> int:
+    """The pixels the mean loss counts (target != ignore_index); every class id must be in range."""
+    valid = target != ignore_index
+    lo, hi = (int(v) for v in torch.aminmax(target if 0 <= ignore_index < classes else torch.where(valid, target, 0)))
+    if lo < 0 or hi >= classes:
+        raise IndexError(f"target class id out of range [0, {classes}): min {lo}, max {hi}")
+    return int(valid.sum())
+
+
 def upsample_cross_entropy_with_grad(
     z: torch.Tensor, target: torch.Tensor, size: tuple[int, int], ignore_index: int = 0, want_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -303,11 +312,7 @@ def upsample_cross_entropy_with_grad(
     n_img, c, h, w = z.shape
     z = z.detach().contiguous()
     target = target.to(z.device)
-    valid = target != ignore_index
-    lo, hi = (int(v) for v in torch.aminmax(target if 0 <= ignore_index < c else torch.where(valid, target, 0)))
-    if lo < 0 or hi >= c:
-        raise IndexError(f"target class id out of range [0, {c}): min {lo}, max {hi}")
-    n_valid = int(valid.sum())
+    n_valid = _valid_pixels(target, c, ignore_index)
     if n_valid == 0:  # what PyTorch gives: a mean over nothing
         return torch.tensor(math.nan, dtype=z.dtype, device=z.device), torch.zeros_like(z) if want_grad else None
     a_w = interp_matrix(width, w, z.dtype, z.device)
@@ -379,11 +384,7 @@ def head_cross_entropy_with_grads(
     w2 = weight.detach().reshape(c, cin).contiguous()
     b2 = bias.detach().reshape(c, 1) if bias is not None else torch.zeros(c, 1, dtype=f.dtype, device=f.device)
     target = target.to(f.device)
-    valid = target != ignore_index
-    lo, hi = (int(v) for v in torch.aminmax(target if 0 <= ignore_index < c else torch.where(valid, target, 0)))
-    if lo < 0 or hi >= c:
-        raise IndexError(f"target class id out of range [0, {c}): min {lo}, max {hi}")
-    n_valid = int(valid.sum())
+    n_valid = _valid_pixels(target, c, ignore_index)
     if n_valid == 0:  # what PyTorch gives: a mean over nothing
         zeros = (torch.zeros_like(f), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
         return torch.tensor(math.nan, dtype=f.dtype, device=f.device), zeros if want_grad else None

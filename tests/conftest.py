@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -134,6 +135,20 @@ class Procs:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append(proc)
         return proc
+
+    def start_scheduler(self, env: dict[str, str] | None = None) -> str:
+        """`relay scheduler` on a free port; its API URL once /healthz answers 200."""
+        api = f"http://127.0.0.1:{free_port()}"
+        self.start("scheduler", "--port", api.rsplit(":", 1)[1], name="scheduler", env=env)
+
+        def up() -> bool:
+            try:
+                return httpx.get(api + "/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, 60, "the scheduler's /healthz")
+        return api
 
     def relay(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([sys.executable, "-m", "scheduler.cli", *args], env=self.env, capture_output=True,

@@ -14,7 +14,6 @@ installs torch): run it alone with `.venv/bin/python -m pytest -m docker`.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os

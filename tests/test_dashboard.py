@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import IN_CI, Procs, free_port, tiny_spec, wait_for
+from conftest import IN_CI, Procs, tiny_spec, wait_for
 from test_relay_e2e import Cluster
 
 pytestmark = pytest.mark.e2e
@@ -166,18 +166,7 @@ def test_dashboard_follows_a_job(procs: Procs, redis_url: str, tiny_data: dict[s
 
 def test_dashboard_asks_for_the_token_when_reads_need_it(procs: Procs, browser: Any) -> None:
     """RELAY_API_TOKEN_READS: the page itself loads, then asks for the token and shows the queue."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    procs.start("scheduler", "--port", str(port), name="scheduler",
-                env={"RELAY_API_TOKEN": TOKEN, "RELAY_API_TOKEN_READS": "true"})  # embedded: no broker needed
-
-    def up() -> bool:
-        try:
-            return httpx.get(api + "/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, 60, "the scheduler's /healthz")
+    api = procs.start_scheduler(env={"RELAY_API_TOKEN": TOKEN, "RELAY_API_TOKEN_READS": "true"})  # embedded: no broker needed
     assert httpx.get(api + "/api/jobs", timeout=5).status_code == 401
     page = browser.new_page()
     watch = Watcher(page)

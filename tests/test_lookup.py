@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import Procs, free_port, wait_for
+from conftest import Procs
 from scheduler.api import make_api
 from worker.settings import Settings
 
@@ -109,17 +108,7 @@ def test_delete_refused_while_active_then_frees_everything(client: TestClient, t
 @pytest.mark.e2e
 def test_cli_lookup_and_exit_codes(procs: Procs, tiny_data: dict[str, Path], tmp_path: Path) -> None:
     """A real scheduler (embedded: no broker, no workers); the CLI's answers and exit codes."""
-    port = free_port()
-    procs.env["RELAY_API_URL"] = api = f"http://127.0.0.1:{port}"
-    procs.start("scheduler", "--port", str(port), name="scheduler")
-
-    def up() -> bool:
-        try:
-            return httpx.get(api + "/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, 60, "the scheduler's /healthz")
+    procs.env["RELAY_API_URL"] = procs.start_scheduler()
     args = ["--train", str(tiny_data["train"]), "--val", str(tiny_data["val"]), "--epochs", "3", "--no-pretrained"]
     first = procs.relay("submit", *args, "--name", "first").stdout.strip()
     second = procs.relay("submit", *args).stdout.strip()

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import Procs, assert_equal_weights, tiny_spec
 from segmodel import checkpoint

@@ -227,16 +227,15 @@ def test_relay_run_embedded(procs: Procs, tiny_data: dict[str, Path], reference:
     assert_equal_weights(checkpoint.load(weights), reference)
 
 
-def test_ctrl_c_on_relay_run_pauses_and_attach_finishes(procs: Procs, tiny_data: dict[str, Path],
-                                                        reference: dict[str, torch.Tensor]) -> None:
-    """A real SIGINT: the job pauses at a chunk boundary, nothing is lost; --attach finishes it
-    with the weights of an uninterrupted run."""
+def _ctrl_c_after_two_chunks(procs: Procs, tiny_data: dict[str, Path], *extra: str) -> tuple[str, str, JobLayout]:
+    """`relay run` of the tiny job in one-step chunks, a real SIGINT once two have committed; it
+    must exit 7 (paused or left running). Returns the job id, the run's output and the job's files."""
     spec = tiny_spec(tiny_data)
     log = procs.tmp / "run.log"
     with open(log, "wb") as out:
         run = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "run", "--train", spec.train, "--val", spec.val,
                                 "--epochs", "3", "--chunk-steps", "1", "--seed", "7", "--batch-size", "4",
-                                "--height", "64", "--width", "64", "--no-pretrained", "--name", "interrupted"],
+                                "--height", "64", "--width", "64", "--no-pretrained", *extra],
                                env=procs.env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: "chunk 2/12 done" in log.read_text(), 240, "two chunks committed")
@@ -247,8 +246,15 @@ def test_ctrl_c_on_relay_run_pauses_and_attach_finishes(procs: Procs, tiny_data:
             run.kill()
     text = log.read_text()
     job_id = text.split()[1].rstrip(":")
+    return job_id, text, JobLayout(Path(procs.env["RELAY_STORAGE"]) / "jobs" / job_id)
+
+
+def test_ctrl_c_on_relay_run_pauses_and_attach_finishes(procs: Procs, tiny_data: dict[str, Path],
+                                                        reference: dict[str, torch.Tensor]) -> None:
+    """A real SIGINT: the job pauses at a chunk boundary, nothing is lost; --attach finishes it
+    with the weights of an uninterrupted run."""
+    job_id, text, layout = _ctrl_c_after_two_chunks(procs, tiny_data, "--name", "interrupted")
     assert f"continue with: relay run --attach {job_id}" in text and "Traceback" not in text
-    layout = JobLayout(Path(procs.env["RELAY_STORAGE"]) / "jobs" / job_id)
     state = json.loads(layout.state_file.read_text())
     assert state["status"] == "paused" and 2 <= state["step"] < 12 and state["chunk"] == state["step"]
     assert [json.loads(x)["chunk"] for x in layout.commit_log.read_text().splitlines()] == list(range(state["step"]))
@@ -260,24 +266,8 @@ def test_ctrl_c_on_relay_run_pauses_and_attach_finishes(procs: Procs, tiny_data:
 
 def test_ctrl_c_with_detach_leaves_the_job_running_and_attach_finishes(procs: Procs, tiny_data: dict[str, Path],
                                                                       reference: dict[str, torch.Tensor]) -> None:
-    spec = tiny_spec(tiny_data)
-    log = procs.tmp / "run.log"
-    with open(log, "wb") as out:
-        run = subprocess.Popen([sys.executable, "-m", "scheduler.cli", "run", "--train", spec.train, "--val", spec.val,
-                                "--epochs", "3", "--chunk-steps", "1", "--seed", "7", "--batch-size", "4",
-                                "--height", "64", "--width", "64", "--no-pretrained", "--detach"],
-                               env=procs.env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: "chunk 2/12 done" in log.read_text(), 240, "two chunks committed")
-        run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=120) == 7, log.read_text()
-    finally:
-        if run.poll() is None:
-            run.kill()
-    text = log.read_text()
-    job_id = text.split()[1].rstrip(":")
+    job_id, text, layout = _ctrl_c_after_two_chunks(procs, tiny_data, "--detach")
     assert "leaving job" in text and "with no worker" in text and f"relay run --attach {job_id}" in text, text
-    layout = JobLayout(Path(procs.env["RELAY_STORAGE"]) / "jobs" / job_id)
     state = json.loads(layout.state_file.read_text())
     assert state["status"] == "running" and 2 <= state["step"] < 12, state  # the local workers stopped at a step
     time.sleep(2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,23 +15,13 @@ pytestmark = pytest.mark.e2e
 
 def test_start_up_lines_and_quiet_scheduler(procs: Procs) -> None:
     storage = procs.env["RELAY_STORAGE"]
-    port = free_port()
-    procs.start("scheduler", "--port", str(port), name="scheduler")
+    api = procs.start_scheduler()
     worker = procs.start("worker", "--name", "lonely", name="worker")
-    api = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(api + "/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, 60, "the scheduler's /healthz")
     for _ in range(3):
         httpx.get(api + "/api/queue", timeout=5)
     line = next(x for x in procs.log("scheduler").splitlines() if x.startswith("relay scheduler: "))
     assert f"storage {storage}; broker embedded" in line and "queues cpu,gpu" in line
-    assert line.endswith(f"dashboard and API at http://127.0.0.1:{port}/")
+    assert line.endswith(f"dashboard and API at {api}/")
     assert "GET /api/queue" not in procs.log("scheduler")  # access lines are off by default
     wait_for(lambda: "relay worker lonely: " in procs.log("worker"), 60, "the worker's start-up line")
     log = procs.log("worker")
