@@ -129,9 +129,11 @@ class Procs:
         self.tmp, self.env = tmp, env
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, name: str, env: dict[str, str] | None = None,
+              prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        """`relay ARGS`, after a prefix that execs it (e.g. `ip netns exec NS`), so the pid stays the relay's."""
         log = open(self.tmp / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "scheduler.cli", *args], env={**self.env, **(env or {})},
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "scheduler.cli", *args], env={**self.env, **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append(proc)
         return proc
@@ -191,23 +193,26 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p.stop_all()
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's standalone S3 server on loopback: the real protocol over HTTP, conditional PUTs included."""
+def start_moto(host: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """moto's standalone S3 server on host: the real protocol over HTTP, conditional PUTs included."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def up() -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return True
         except OSError:
             return False
 
-    wait_for(up, 60, "the S3 server (moto) to listen")
+    wait_for(up, 60, f"the S3 server (moto) to listen on {host}:{port}")
+    return proc, f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, endpoint = start_moto("127.0.0.1", tmp_path_factory.mktemp("moto") / "moto.log")
     yield endpoint
     proc.kill()
     proc.wait()

@@ -47,11 +47,12 @@ class TlsRedis:
     port: int
     ca: Path
     other_ca: Path
+    host: str = "127.0.0.1"
 
     def url(self, scheme: str = "rediss", password: str | None = PASSWORD, ca: Path | None = None, reqs: str = "required") -> str:
         auth = f":{password}@" if password else ""
         query = f"?ssl_ca_certs={ca or self.ca}&ssl_cert_reqs={reqs}" if scheme == "rediss" else ""
-        return f"{scheme}://{auth}127.0.0.1:{self.port}/0{query}"
+        return f"{scheme}://{auth}{self.host}:{self.port}/0{query}"
 
 
 def start_tls_redis(folder: Path, hosts: list[str], bind: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], TlsRedis]:
@@ -69,7 +70,7 @@ def start_tls_redis(folder: Path, hosts: list[str], bind: str = "127.0.0.1") -> 
                              "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
                              "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(folder)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = TlsRedis(port, ca, other_ca)
+    server = TlsRedis(port, ca, other_ca, bind)
 
     def up() -> bool:
         try:
