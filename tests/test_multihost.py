@@ -195,8 +195,6 @@ def test_worker_cut_off_mid_chunk(lan: Lan, services: dict[str, str], procs: Pro
     assert commits[1]["worker"] == other, commits
     assert [(h["chunk"], h["start_step"], h["end_step"]) for h in job["history"]] == [(0, 0, 4), (1, 4, 8), (2, 8, 12)]
     assert job["history"][1]["worker"] == other
-    threads = {h["worker"]: h["environment"]["threads"] for h in job["history"]}
-    assert threads.get(other) == int(WORKERS[other]), job["history"]
     assert any(e["what"] == f"chunk 1 attempt 2 on {other}" for e in job["events"]), job["events"]
     assert f"{job_id} chunk 1: committed" not in procs.log(victim)
     # Whatever the cut-off worker wrote after it came back left the committed checkpoint as it was.
