@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import IN_CI, S3_CREDENTIALS, Procs, assert_equal_weights, free_port, start_moto, tiny_spec, wait_for
+from conftest import IN_CI, S3_CREDENTIALS, Procs, assert_equal_weights, start_moto, tiny_spec, wait_for
 from segmodel.jobs import JobStore
 from test_tls_broker import start_tls_redis
 
@@ -149,10 +149,8 @@ def services(lan: Lan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 
 def test_worker_cut_off_mid_chunk(lan: Lan, services: dict[str, str], procs: Procs, tiny_data: dict[str, Path],
                                   reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    procs.env.update(services, RELAY_API_URL=api, RELAY_LEASE_TTL_S="6")
-    procs.start("scheduler", "--port", str(port), name="scheduler")
+    procs.env.update(services, RELAY_LEASE_TTL_S="6")
+    api = procs.env["RELAY_API_URL"] = procs.start_scheduler()
     for name, threads in WORKERS.items():
         procs.start("worker", "--name", name, name=name, prefix=lan.prefix(name),
                     env={"RELAY_CACHE_DIR": str(tmp_path / f"scratch-{name}"), "OMP_NUM_THREADS": threads,
