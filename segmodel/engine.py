@@ -7,25 +7,28 @@ from pathlib import Path
 from typing import Any
 
 from segmodel import fasttrain, train
+from segmodel.cache import Progress
 from segmodel.data import read_list
 from segmodel.layout import JobLayout
 from segmodel.spec import ChunkPlan, TrainSpec
 
 
-def train_range(spec: TrainSpec, job_dir: Path | str, start: int, end: int, *, cache_dir: Path | str, **kwargs: Any) -> train.ChunkResult:
-    """Train global steps [start, end) of the job with its engine; caches live under cache_dir.
-    With spec.val_every, each validated epoch ended in the range adds a point to the job's
-    validation curve."""
+def train_range(spec: TrainSpec, job_dir: Path | str, start: int, end: int, *, cache_dir: Path | str,
+                on_progress: Progress | None = None, **kwargs: Any) -> train.ChunkResult:
+    """Train global steps [start, end) of the job with its engine; caches live under cache_dir
+    (their builds report to `on_progress`). With spec.val_every, each validated epoch ended in the
+    range adds a point to the job's validation curve."""
     if spec.engine == "fast":
-        result = fasttrain.train_steps_fast(spec, job_dir, start, end, storage_cache=cache_dir, **kwargs)
+        result = fasttrain.train_steps_fast(spec, job_dir, start, end, storage_cache=cache_dir, on_progress=on_progress, **kwargs)
     else:
         result = train.train_steps(spec, job_dir, start, end, **kwargs)
     if spec.val_every:
-        _validate_epochs(spec, JobLayout(Path(job_dir)), start, result.end_step, cache_dir)
+        _validate_epochs(spec, JobLayout(Path(job_dir)), start, result.end_step, cache_dir, on_progress)
     return result
 
 
-def _validate_epochs(spec: TrainSpec, layout: JobLayout, start: int, end: int, cache_dir: Path | str) -> None:
+def _validate_epochs(spec: TrainSpec, layout: JobLayout, start: int, end: int, cache_dir: Path | str,
+                     on_progress: Progress | None) -> None:
     from segmodel.jobs import append_jsonl  # the one way to append to a job's logs
     from segmodel.evaluate import validate
 
@@ -33,7 +36,7 @@ def _validate_epochs(spec: TrainSpec, layout: JobLayout, start: int, end: int, c
     for step in range(start + 1, end + 1):
         epoch = plan.weight_epoch(step)
         if step % plan.steps_per_epoch == 0 and epoch % spec.val_every == 0:
-            scores = validate(spec, layout.weight(epoch), cache_dir=cache_dir)
+            scores = validate(spec, layout.weight(epoch), cache_dir=cache_dir, on_progress=on_progress)
             append_jsonl(layout.validation_file, {"epoch": epoch, "step": step, **scores, "at": time.time()})
 
 

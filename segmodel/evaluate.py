@@ -51,7 +51,7 @@ def evaluate(
     if spec.engine == "fast" and cache_dir is not None:
         cm, shown, n_val, path = _confusion_fast(spec, model, device, cache_dir, on_progress)
     else:
-        cm, shown, n_val, path = _confusion_seed(spec, model, device)
+        cm, shown, n_val, path = _confusion_seed(spec, model, device, on_progress)
     report = summarize(cm.matrix, names)
     report.update({
         "weights": weights.name,
@@ -67,7 +67,7 @@ def evaluate(
 
 @torch.no_grad()
 def validate(spec: TrainSpec, weights: Path, *, device: torch.device | None = None,
-             cache_dir: Path | str | None = None) -> dict[str, float]:
+             cache_dir: Path | str | None = None, on_progress: caches.Progress | None = None) -> dict[str, float]:
     """Mean IoU and pixel accuracy of `weights` on the validation list, nothing written: a point
     of the validation curve. The same paths as `evaluate` (the fast one on the caches)."""
     device = device or pick_device(spec)
@@ -75,9 +75,9 @@ def validate(spec: TrainSpec, weights: Path, *, device: torch.device | None = No
     model.load_state_dict(checkpoint.load(weights))
     model.to(device).eval()
     if spec.engine == "fast" and cache_dir is not None:
-        cm = _confusion_fast(spec, model, device, cache_dir, None)[0]
+        cm = _confusion_fast(spec, model, device, cache_dir, on_progress)[0]
     else:
-        cm = _confusion_seed(spec, model, device)[0]
+        cm = _confusion_seed(spec, model, device, on_progress)[0]
     report = summarize(cm.matrix, class_names(spec.num_classes))
     return {"mean_iou": report["mean_iou"], "pixel_accuracy": report["pixel_accuracy"]}
 
@@ -85,7 +85,8 @@ def validate(spec: TrainSpec, weights: Path, *, device: torch.device | None = No
 Shown = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
 
 
-def _confusion_seed(spec: TrainSpec, model: torch.nn.Module, device: torch.device) -> tuple[ConfusionMatrix, Shown, int, str]:
+def _confusion_seed(spec: TrainSpec, model: torch.nn.Module, device: torch.device,
+                    on_progress: caches.Progress | None) -> tuple[ConfusionMatrix, Shown, int, str]:
     cm = ConfusionMatrix(spec.num_classes)
     samples = read_list(spec.val)
     shown: Shown = ([], [], [])
@@ -101,6 +102,8 @@ def _confusion_seed(spec: TrainSpec, model: torch.nn.Module, device: torch.devic
                 shown[0].append(rgb)
                 shown[1].append(lab)
                 shown[2].append(p.numpy().astype(np.uint8))
+        if on_progress is not None:
+            on_progress("evaluate", min(len(samples), start + spec.batch_size), len(samples))
     return cm, shown, len(samples), "seed"
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_spec
 from worker.broker import Broker
 from scheduler.control import Control
-from segmodel.jobs import JobStatus
+from segmodel.jobs import JobStatus, append_jsonl
 from segmodel import checkpoint
 from worker import tasks
 from worker.lease import FileLeases
@@ -102,9 +102,14 @@ def test_checkpoint_already_written_is_committed_without_training(rig: Any) -> N
     rt, control, job_id = rig
     layout = control.store.layout(job_id)
     checkpoint.save({"step": 3}, layout.checkpoint(3))  # a worker died after writing, before committing
+    for step, loss in ((1, 2.5), (2, 2.25), (3, 2.0)):  # its metrics: the record tells its work, not the commit's
+        append_jsonl(layout.metrics_file, {"step": step, "loss": loss, "step_s": 0.5, "images_per_s": 8.0, "worker": "w0",
+                                           "chunk": 0, "attempt": 1})
     assert tasks.handle_train(rt, job_id, 0) == "committed chunk 0"
     assert rt.trainer.requests == []
-    assert control.store.state(job_id).history[0].environment == {"recovered": True}
+    record = control.store.state(job_id).history[0]
+    assert record.environment == {"recovered": True, "committed_by": "w1"} and record.ended == "recovered"
+    assert (record.worker, record.loss_last, record.seconds, record.images_per_s) == ("w0", 2.0, 1.5, 8.0)
 
 
 def test_permanent_failure_fails_the_job_at_once_with_the_reason(rig: Any) -> None:

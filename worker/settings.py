@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     queues: list[str] = Field(["cpu"], description="queues this worker consumes: cpu, gpu")
     lease_ttl_s: float = Field(30.0, gt=0, description="a lease not renewed for this long is dead")
     max_attempts: int = Field(3, ge=1, le=100, description="tries per chunk before the job fails")
+    stall_timeout_s: float = Field(
+        600.0, gt=0, description="a trainer that reports no progress (a step, a slice of a cache build) for this long, "
+        "or for 10x its slowest interval so far, is hung: killed, and the chunk retried"
+    )
     visibility_timeout_s: int = Field(
         7 * 24 * 3600, ge=1, description="Redis redelivers unacked messages after this; keep it above any chunk"
     )

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -26,6 +28,7 @@ from segmodel.jobs import ENDED, ChunkRecord, JobNotFound, JobState, JobStatus, 
 from segmodel.data import read_list
 from worker.trainer_env import worker_env
 from segmodel.spec import ChunkPlan, TrainSpec
+from segmodel.storage import StorageError
 from worker.app import EVAL_TASK, TRAIN_TASK, make_app
 from worker.jobfiles import JobFiles
 from worker.lifetime import stop_requested
@@ -36,6 +39,8 @@ from worker.trainer import GO, KILL, STOP, Cancelled, TrainerCrashed, TrainerFai
 
 log = logging.getLogger("relay.worker")
 STATE_POLL_S = 1.0
+# The broker or storage not answering: what a worker rides out or reports, never what fails a job.
+INFRA_ERRORS = (redis.RedisError, OSError, StorageError)
 
 
 @dataclass
@@ -61,7 +66,7 @@ def runtime() -> Runtime:
             store=JobStore(s.storage),
             broker=Broker(make_app(s), s),
             leases=make_leases(s.broker_url, s.storage, s.lease_ttl_s),
-            trainer=TrainerProcess(env=worker_env()),
+            trainer=TrainerProcess(env=worker_env(), stall_timeout_s=s.stall_timeout_s),
             registry=WorkerRegistry(s.storage, s.node, s.queues),
         )
     return _runtime
@@ -83,34 +88,73 @@ def _shut_down(**_: Any) -> None:
 
 class _Watch:
     """Called between polls of the trainer: renew the lease; kill on cancel or a lost lease; ask
-    for a stop at the next step when the job is paused or the worker is told to stop."""
+    for a stop at the next step when the job is paused or the worker is told to stop.
 
-    def __init__(self, rt: Runtime, job_id: str, token: str) -> None:
-        self.rt, self.job_id, self.token = rt, job_id, token
-        self.renewed = self.polled = time.monotonic()
+    A broker that does not answer (down, paused, cut off) does not stop the chunk while the lease
+    may still be ours: only once a whole TTL has passed since the last renewal that succeeded. A
+    lease found lost is retaken only while the job is still where this work belongs
+    (`is_current`): a worker that was frozen past its job's end trains and writes nothing more."""
+
+    def __init__(self, rt: Runtime, job_id: str, token: str, is_current: Callable[[JobState], bool]) -> None:
+        self.rt, self.job_id, self.token, self.is_current = rt, job_id, token, is_current
+        self.renewed = self.tried = self.polled = time.monotonic()
         self.why_stopped = ""
         self.stop_reason: str | None = None  # a key of segmodel.jobs.ENDED
+        self.warned = False
 
     def __call__(self) -> str:
         now = time.monotonic()
-        if now - self.renewed >= self.rt.settings.heartbeat_s:
-            if not self.rt.leases.renew(self.job_id, self.token):
-                # Lost (expired, or the broker was flushed): retake it unless someone else has it.
-                if self.rt.leases.acquire(self.job_id, self.rt.settings.node, self.token) is None:
-                    self.why_stopped = "lease taken by another worker"
+        if now - self.tried >= self.rt.settings.heartbeat_s:
+            self.tried = now
+            try:
+                if not self.renew():
                     return KILL
-            self.renewed = now
+                self.renewed, self.warned = now, False
+            except INFRA_ERRORS as exc:
+                if now - self.renewed >= self.rt.settings.lease_ttl_s:
+                    self.why_stopped = f"lease not renewed for {now - self.renewed:.0f} s: {exc}"
+                    return KILL
+                if not self.warned:
+                    log.warning("%s: cannot renew the lease (%s); training on while it may still be valid", self.job_id, exc)
+                    self.warned = True
         if self.stop_reason is None:
             self.stop_reason = stop_requested(self.rt.settings.caches, self.rt.settings.node)
         if now - self.polled >= STATE_POLL_S:
             self.polled = now
-            status = self.rt.store.state(self.job_id).status
+            try:
+                status = self.rt.store.state(self.job_id).status
+            except StorageError as exc:  # storage hiccup: the commit is fenced anyway
+                log.warning("%s: cannot read the job's state (%s)", self.job_id, exc)
+                return STOP if self.stop_reason else GO
             if status in (JobStatus.cancelled, JobStatus.failed):
                 self.why_stopped = f"job {status.value}"
                 return KILL
             if status == JobStatus.paused and self.stop_reason is None:
                 self.stop_reason = "pause"
         return STOP if self.stop_reason else GO
+
+    def renew(self) -> bool:
+        if self.rt.leases.renew(self.job_id, self.token):
+            return True
+        # Lost (expired, or the broker was flushed): retake it if the work is still wanted and free.
+        state = self.rt.store.state(self.job_id)
+        if not (state.status.active or state.status == JobStatus.paused) or not self.is_current(state):
+            self.why_stopped = f"job moved on ({state.status.value}, chunk {state.chunk}) while the lease was lost"
+            return False
+        if self.rt.leases.acquire(self.job_id, self.rt.settings.node, self.token) is None:
+            self.why_stopped = "lease taken by another worker"
+            return False
+        return True
+
+
+def _may_upload(watch: _Watch) -> bool:
+    """Only the lease holder of a job still at this work uploads its files: a worker cut off
+    mid-chunk and reconnected after another took over must not overwrite what that one committed."""
+    try:
+        return watch.renew()
+    except INFRA_ERRORS as exc:
+        watch.why_stopped = f"cannot prove the lease is ours: {exc}"
+        return False
 
 
 def _begin(rt: Runtime, job_id: str, is_current: Any) -> tuple[JobState, bool]:
@@ -148,9 +192,13 @@ def _failed(rt: Runtime, job_id: str, what: str, exc: Exception) -> None:
         s.note(f"retryable failure: {message}")
         return s.status.active
 
-    _, retry = rt.store.update(job_id, record)
-    if retry:
-        rt.broker.dispatch(rt.store, job_id, f"retry after: {message}")
+    try:
+        _, retry = rt.store.update(job_id, record)
+        if retry:
+            rt.broker.dispatch(rt.store, job_id, f"retry after: {message}")
+    except INFRA_ERRORS as cause:  # e.g. the disk that failed the chunk is full for the record too
+        log.error("%s: %s; not recorded (%s): the reconciler sends the chunk again once storage and broker answer",
+                  job_id, message, cause)
 
 
 def _roll_back(rt: Runtime, job_id: str, exc: Exception) -> None:
@@ -193,13 +241,11 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         started = time.time()
         if (done := rt.store.newest_good_checkpoint(job_id, before=end, after=start)) > start:
             # Trained before, not committed (the worker died in between): commit, don't retrain.
-            result: dict[str, Any] = {"start_step": start, "end_step": done, "loss_last": state.last_loss or 0.0,
-                                      "images_per_s": 0.0, "seconds": 0.0, "environment": {"recovered": True},
-                                      "checkpoint_sha256": rt.store.checkpoint_digest(job_id, done), "stopped": "recovered"}
+            result = _trained_before(rt, job_id, start, done, state.last_loss)
         else:
             files.begin()
             files.pull(f"checkpoints/step{start}.pt", "checkpoints/backbone.pt", "init_weights.pt")
-            watch = _Watch(rt, job_id, token)
+            watch = _Watch(rt, job_id, token, lambda s: s.chunk == chunk)
             request = {"op": "train", "spec": spec.model_dump(), "job_dir": str(layout.root), "chunk": chunk,
                        "start": start, "end": end, "cache_dir": str(rt.settings.caches),
                        "attempt": attempt, "worker": rt.settings.node}
@@ -217,13 +263,14 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             except TrainerCrashed as exc:
                 _failed(rt, job_id, f"chunk {chunk}", exc)
                 return f"crashed: {exc}"
-            except BaseException:
-                rt.trainer.kill()  # abandoned (e.g. broker unreachable): its late reply must not answer the next request
-                raise
+            if not _may_upload(watch):
+                rt.store.update(job_id, lambda s: s.note(f"chunk {chunk} on {rt.settings.node}: trained, not uploaded: {watch.why_stopped}"))
+                return f"dropped: {watch.why_stopped}"
             files.push(f"c{chunk:05d}.a{attempt}.{rt.settings.node}")
             if result["stopped"] == "told":
                 result["stopped"] = watch.stop_reason
-        record = ChunkRecord(chunk=chunk, worker=rt.settings.node, attempt=attempt, ended=result["stopped"] or _planned_end(spec, plan, result["end_step"]),
+        record = ChunkRecord(chunk=chunk, worker=result.get("worker", rt.settings.node), attempt=attempt,
+                             ended=result["stopped"] or _planned_end(spec, plan, result["end_step"]),
                              started_at=started, ended_at=time.time(), **{k: result[k] for k in (
                                  "start_step", "end_step", "seconds", "loss_last", "images_per_s", "checkpoint_sha256", "environment")})
 
@@ -250,16 +297,47 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
                 s.note(f"paused after chunk {chunk}")
             return s.status.active
 
-        _, go_on = rt.store.update(job_id, commit)
+        try:
+            _, go_on = rt.store.update(job_id, commit)
+        except INFRA_ERRORS as exc:
+            # Not fenced, not made. The trained checkpoint stays: the next attempt commits it
+            # without training (once the reconciler or a redelivery sends the chunk again).
+            log.warning("%s chunk %s: trained to step %s, not committed: %s", job_id, chunk, record.end_step, exc)
+            return f"not committed: {exc}"
         if go_on:
             # Release first: the next chunk's worker must find the lease free, not drop its message.
             rt.leases.release(job_id, token)
             rt.broker.dispatch(rt.store, job_id, f"chunk {chunk} committed by {rt.settings.node}")
         return f"committed chunk {chunk}" if go_on else "done, job not active"
     finally:
-        files.clean()
-        rt.registry.doing(None, None)
+        _let_go(rt, job_id, token, files)
+
+
+def _let_go(rt: Runtime, job_id: str, token: str, files: JobFiles) -> None:
+    """After a chunk or an evaluation, whatever happened: scratch removed, lease released (if the
+    broker answers; else it expires by itself)."""
+    files.clean()
+    rt.registry.doing(None, None)
+    try:
         rt.leases.release(job_id, token)
+    except INFRA_ERRORS as exc:
+        log.warning("%s: lease not released (%s); it expires by itself", job_id, exc)
+
+
+def _trained_before(rt: Runtime, job_id: str, start: int, done: int, last_loss: float | None) -> dict[str, Any]:
+    """The record of steps (start, done] trained by an attempt that died before committing them,
+    from that attempt's own metrics: its worker, loss and time."""
+    steps = {m["step"]: m for m in rt.store.records(job_id, "metrics") if start < m.get("step", -1) <= done}
+    tail = steps.get(done, {})
+    seconds = sum(m.get("step_s", 0.0) for m in steps.values())
+    images = sum(m.get("images_per_s", 0.0) * m.get("step_s", 0.0) for m in steps.values())
+    result: dict[str, Any] = {"start_step": start, "end_step": done, "loss_last": tail.get("loss", last_loss or 0.0),
+                              "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0,
+                              "environment": {"recovered": True, "committed_by": rt.settings.node},
+                              "checkpoint_sha256": rt.store.checkpoint_digest(job_id, done), "stopped": "recovered"}
+    if "worker" in tail:
+        result["worker"] = tail["worker"]
+    return result
 
 
 def _planned_end(spec: TrainSpec, plan: ChunkPlan, step: int) -> str:
@@ -289,7 +367,7 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         files.pull(f"weights/weight{spec.epochs}.pt")
         rt.trainer.start()
         rt.registry.doing(job_id, "eval", rt.trainer.pid)
-        watch = _Watch(rt, job_id, token)
+        watch = _Watch(rt, job_id, token, lambda s: s.training_done)
         request = {"op": "evaluate", "spec": spec.model_dump(), "job_dir": str(layout.root), "weights": str(layout.weight(spec.epochs)),
                    "cache_dir": str(rt.settings.caches)}
         try:
@@ -299,9 +377,8 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         except (TrainerFailed, TrainerCrashed) as exc:
             _failed(rt, job_id, "evaluation", exc)
             return f"failed: {exc}"
-        except BaseException:
-            rt.trainer.kill()
-            raise
+        if not _may_upload(watch):
+            return f"dropped: {watch.why_stopped}"
         files.push("eval")
 
         def finish(s: JobState) -> bool:
@@ -315,9 +392,7 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         rt.store.update(job_id, finish)
         return "evaluated"
     finally:
-        files.clean()
-        rt.registry.doing(None, None)
-        rt.leases.release(job_id, token)
+        _let_go(rt, job_id, token, files)
 
 
 @shared_task(name=TRAIN_TASK)

@@ -42,6 +42,10 @@ class TrainerFailed(RuntimeError):
         return self.kind in PERMANENT
 
 
+class TrainerStalled(TrainerCrashed):
+    """The trainer reported no progress for longer than the stall timeout, and was killed."""
+
+
 class Cancelled(RuntimeError):
     """The request was killed on purpose (cancel, lost lease)."""
 
@@ -57,9 +61,19 @@ def _die_with_parent() -> None:
 
 
 class TrainerProcess:
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    """Requests and replies are JSON lines that carry the request's id: a reply is taken only for
+    the request in hand, and a request abandoned for any reason (a broker error in the watch, a
+    stall, a cancel) kills the trainer, so no late reply can ever answer the next request.
+
+    While it works the trainer sends progress lines (each step, each slice of a cache build); one
+    that sends none for `stall_timeout_s`, or for ten times its slowest interval so far if that is
+    longer, is hung (an NFS hang, a deadlocked loader, a wedged GPU): killed, TrainerStalled."""
+
+    def __init__(self, env: dict[str, str] | None = None, stall_timeout_s: float = 600.0) -> None:
         self.env = env
+        self.stall_timeout_s = stall_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
+        self._requests = 0
 
     def start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -93,31 +107,57 @@ class TrainerProcess:
         too), on KILL it is killed and Cancelled raised."""
         self.start()
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self._requests += 1
+        rid = f"{os.getpid()}.{self._requests}"
         try:
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # it died already: reported below with its exit status
+        answered = False
+        try:
+            reply = self._await(rid, tick, tick_s)
+            answered = True
+        finally:
+            if not answered:  # abandoned: its late reply must not answer the next request
+                self.kill()
+        if reply["ok"]:
+            return reply["result"]
+        raise TrainerFailed(reply["kind"], reply["message"])
+
+    def _await(self, rid: str, tick: Callable[[], str], tick_s: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
+        pending = b""
+        last = time.monotonic()
+        slowest = 0.0
         while True:
             ready, _, _ = select.select([fd], [], [], tick_s)
             if ready:
-                line = self.proc.stdout.readline()
-                if line:
-                    reply = json.loads(line)
-                    if reply["ok"]:
-                        return reply["result"]
-                    raise TrainerFailed(reply["kind"], reply["message"])
-                code = self.proc.wait()
-                self.proc = None
-                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-                hint = " (out of memory?)" if code == -signal.SIGKILL else ""
-                raise TrainerCrashed(f"trainer process {how}{hint}")
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    code = self.proc.wait()
+                    self.proc = None
+                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+                    hint = " (out of memory?)" if code == -signal.SIGKILL else ""
+                    raise TrainerCrashed(f"trainer process {how}{hint}")
+                pending += data
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    message = json.loads(line)
+                    if message.get("id") != rid:
+                        continue  # not this request's (a trainer is killed before it can happen)
+                    if "progress" not in message:
+                        return message
+                    now = time.monotonic()
+                    slowest, last = max(slowest, now - last), now
+            limit = max(self.stall_timeout_s, 10 * slowest)
+            if time.monotonic() - last > limit:
+                raise TrainerStalled(f"trainer reported no progress for {limit:.0f} s (RELAY_STALL_TIMEOUT_S); killed")
             what = tick()
             if what == KILL:
-                self.kill()
                 raise Cancelled("stopped while running")
-            if what == STOP:
+            if what == STOP and self.proc is not None:
                 try:
                     os.kill(self.proc.pid, signal.SIGUSR1)
                 except ProcessLookupError:
@@ -152,6 +192,13 @@ def _serve() -> None:
 
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must not corrupt the reply channel
+    out_lock = threading.Lock()  # cache builds report progress from their threads
+
+    def send(message: dict[str, Any]) -> None:
+        with out_lock:
+            out.write((json.dumps(message) + "\n").encode())
+            out.flush()
+
     # Seconds to sleep after each step: a slower machine, for tests and demos of time budgets.
     throttle_s = float(os.environ.get("RELAY_THROTTLE_STEP_S", "0") or 0)
     told_to_stop = threading.Event()
@@ -159,7 +206,12 @@ def _serve() -> None:
     for line in sys.stdin.buffer:
         request = json.loads(line)
         told_to_stop.clear()  # a stop meant for an earlier request; the worker repeats its own
+        rid = request.get("id")
         writer: SummaryWriter | None = None
+
+        def progress(*what: Any) -> None:
+            send({"id": rid, "progress": list(what)})
+
         try:
             spec = TrainSpec.model_validate(request["spec"])
             job_dir = Path(request["job_dir"])
@@ -179,6 +231,7 @@ def _serve() -> None:
                     if throttle_s:
                         time.sleep(throttle_s)
                     append_jsonl(metrics, {**m, **tags, "time": time.time()})
+                    progress("step", m["step"])
                     if writer is None:  # opened at the first step: a chunk that never trains leaves no file
                         writer = open_tensorboard(job_dir, tags, purge_step=m["step"])
                     writer.add_scalar("train/loss", m["loss"], m["step"])
@@ -186,24 +239,23 @@ def _serve() -> None:
                     writer.add_scalar("train/images_per_s", m["images_per_s"], m["step"])
 
                 result = train_range(spec, job_dir, request["start"], request["end"], cache_dir=request["cache_dir"],
-                                     on_step=on_step, stop=stop).to_dict()
+                                     on_step=on_step, stop=stop, on_progress=progress).to_dict()
             else:
-                result = evaluate(spec, job_dir, Path(request["weights"]), cache_dir=request.get("cache_dir"))
+                result = evaluate(spec, job_dir, Path(request["weights"]), cache_dir=request.get("cache_dir"), on_progress=progress)
                 writer = open_tensorboard(job_dir, {}, purge_step=None)
                 total = ChunkPlan(spec, len(read_list(spec.train))).total_steps
                 writer.add_scalar("eval/mean_iou", result["mean_iou"], total)
                 writer.add_scalar("eval/pixel_accuracy", result["pixel_accuracy"], total)
-            reply = {"ok": True, "result": result}
+            reply = {"id": rid, "ok": True, "result": result}
         except Exception as exc:  # every failure goes back to the worker, which records it
-            reply = {"ok": False, "kind": type(exc).__name__, "message": str(exc)}
+            reply = {"id": rid, "ok": False, "kind": type(exc).__name__, "message": str(exc)}
         finally:
             if writer is not None:
                 try:
                     writer.close()  # flushed before the reply: the chunk's curve is on storage when it commits
                 except Exception as exc:  # a lost curve must not lose the chunk
                     print(f"tensorboard: {exc}", file=sys.stderr)
-        out.write((json.dumps(reply) + "\n").encode())
-        out.flush()
+        send(reply)
 
 
 if __name__ == "__main__":

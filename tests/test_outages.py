@@ -1,0 +1,103 @@
+"""Outages during a chunk: a broker that stops answering, a trainer that hangs, an abandoned request."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import Procs, RedisServer, assert_equal_weights, tiny_spec, wait_for
+from segmodel import checkpoint
+from segmodel.layout import JobLayout
+from test_relay_e2e import Cluster
+from worker.trainer import GO, TrainerFailed, TrainerProcess, TrainerStalled
+
+
+def _bad_request() -> dict[str, Any]:
+    return {"op": "evaluate", "spec": {"train": "x"}, "job_dir": "/nonexistent", "weights": "/nonexistent"}
+
+
+def test_an_abandoned_request_kills_the_trainer_and_the_next_gets_its_own_reply() -> None:
+    trainer = TrainerProcess()
+    trainer.start()
+    first_pid = trainer.pid
+
+    def broker_down() -> str:
+        raise ConnectionError("the broker went away")
+
+    try:
+        with pytest.raises(ConnectionError):
+            trainer.run(_bad_request(), broker_down, tick_s=0.0)
+        assert trainer.proc is None  # killed: its late reply cannot answer the next request
+        with pytest.raises(ProcessLookupError):
+            os.kill(first_pid, 0)
+        with pytest.raises(TrainerFailed) as failed:
+            trainer.run(_bad_request(), lambda: GO)
+        assert failed.value.kind == "ValidationError"
+    finally:
+        trainer.kill()
+
+
+def test_a_hung_trainer_is_killed_by_the_stall_watchdog() -> None:
+    trainer = TrainerProcess(stall_timeout_s=2)
+    trainer.start()
+    assert trainer.pid is not None
+    os.kill(trainer.pid, signal.SIGSTOP)  # an NFS hang, a deadlocked loader: alive, silent
+    try:
+        with pytest.raises(TrainerStalled, match="no progress for 2 s"):
+            trainer.run(_bad_request(), lambda: GO)
+        assert trainer.proc is None
+    finally:
+        trainer.kill()
+
+
+def _job_record_is_true(cluster: Cluster, job_id: str) -> dict[str, Any]:
+    """The job's record after an outage: every step trained once in order, the report there."""
+    job = cluster.wait_state(job_id, ("succeeded", "failed"), timeout=300)
+    assert job["state"] == "succeeded", job["reason"]
+    history = job["history"]
+    assert [h["chunk"] for h in history] == list(range(len(history)))
+    assert history[0]["start_step"] == 0 and history[-1]["end_step"] == job["progress"]["total_steps"] == job["progress"]["step"]
+    assert all(a["end_step"] == b["start_step"] for a, b in zip(history, history[1:])), history
+    commits = cluster.commits(job_id)
+    assert [c["chunk"] for c in commits if "chunk" in c] == [h["chunk"] for h in history], "a chunk committed twice"
+    assert json.loads(cluster.procs.relay("report", job_id, "--json").stdout)["val_samples"] == 4
+    return job
+
+
+def test_broker_paused_longer_than_the_lease_mid_chunk(procs: Procs, redis_server: RedisServer, tiny_data: dict[str, Path],
+                                                       reference: dict[str, torch.Tensor]) -> None:
+    procs.env.update(RELAY_LEASE_TTL_S="4", RELAY_RECONCILE_GRACE_S="3", RELAY_RECONCILE_INTERVAL_S="1")
+    cluster = Cluster(procs, redis_server.url, {"w1": ([], {"RELAY_THROTTLE_STEP_S": "0.5"})})
+    job_id = cluster.submit(tiny_spec(tiny_data))
+    wait_for(lambda: cluster.steps_trained(job_id) >= 1, 120, "a step trained", every=0.05)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)  # connections open, nothing answers
+    time.sleep(8)  # twice the lease TTL
+    redis_server.proc.send_signal(signal.SIGCONT)
+    _job_record_is_true(cluster, job_id)
+    assert_equal_weights(cluster.final_weights(job_id), reference)
+    # The same worker then runs a clean job: no reply read one request late.
+    second = cluster.submit(tiny_spec(tiny_data))
+    _job_record_is_true(cluster, second)
+    assert_equal_weights(cluster.final_weights(second), reference)
+
+
+def test_a_hung_trainer_is_recorded_and_its_chunk_retried(procs: Procs, redis_server: RedisServer, tiny_data: dict[str, Path],
+                                                          reference: dict[str, torch.Tensor]) -> None:
+    procs.env.update(RELAY_STALL_TIMEOUT_S="20")  # above a fresh trainer's start-up (torch import) on a loaded machine
+    cluster = Cluster(procs, redis_server.url, {"w1": ([], {"RELAY_THROTTLE_STEP_S": "0.3"})})
+    job_id = cluster.submit(tiny_spec(tiny_data))
+    busy = wait_for(lambda: next((w for w in cluster.get("/api/queue")["workers"] if w.get("job") == job_id and w.get("trainer_pid")), None),
+                    120, "the trainer's pid", every=0.05)
+    os.kill(busy["trainer_pid"], signal.SIGSTOP)
+    job = _job_record_is_true(cluster, job_id)
+    assert any("no progress for" in e["what"] for e in job["events"]), [e["what"] for e in job["events"]]
+    assert_equal_weights(cluster.final_weights(job_id), reference)
+    assert JobLayout(cluster.storage / "jobs" / job_id).weight(3).is_file()
+    checkpoint.load(JobLayout(cluster.storage / "jobs" / job_id).weight(3))
