@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from scheduler.client import ApiError, Client
 from scheduler.views import print_job, print_report, print_status, watch_job
 from segmodel.jobs import JobStatus, JobStore
+from segmodel.datasets import is_remote
 from segmodel.errors import RelayError
 from segmodel.spec import TrainSpec
 from worker.settings import Settings
@@ -139,7 +140,7 @@ def _spec(kw: dict[str, Any]) -> TrainSpec:
     fields = {k: v for k, v in kw.items() if k in TrainSpec.model_fields and v is not None}
     fields["pretrained"] = not kw["no_pretrained"]
     for key in ("train", "val", "pretrained_path", "init_weights"):
-        if fields.get(key):
+        if fields.get(key) and not is_remote(fields[key]):
             fields[key] = os.path.abspath(fields[key])
     try:
         return TrainSpec(**fields)
@@ -190,6 +191,38 @@ def data_ade20k(root: str, out: str) -> None:
     except RelayError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     click.echo(", ".join(f"{split}: {n} samples" for split, n in stats.items()) + f" -> {out}")
+
+
+@data.command("push")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("url")
+@click.option("--threads", type=click.IntRange(1, 256), default=16, show_default=True, help="parallel uploads")
+def data_push(folder: str, url: str, threads: int) -> None:
+    """Upload a dataset FOLDER (its *.txt lists and the files they name) to URL (s3://bucket/prefix), with
+    a manifest of every file's size and sha256, so workers that share no disk with it can train on it."""
+    from segmodel.datasets import is_remote, push, size_text
+    from segmodel.storage import StorageError
+
+    if not is_remote(url):
+        _fail(f"{url}: give an object-store URL (s3://bucket/prefix or gs://bucket/prefix)", EXIT_BAD_INPUT)
+    step = 0
+
+    def progress(done: int, total: int, sent: int) -> None:
+        nonlocal step
+        if done * 10 // total > step or done == total:
+            step = done * 10 // total
+            click.echo(f"  {done}/{total} files, {size_text(sent)}", err=True)
+
+    try:
+        pushed = push(Path(folder), url, threads=threads, progress=progress)
+    except StorageError as exc:
+        _fail(str(exc), EXIT_UNREACHABLE)
+    except RelayError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(f"pushed {pushed.files} files, {size_text(pushed.bytes)} in {pushed.seconds:.1f} s; "
+               f"manifest sha256 {pushed.manifest_sha256[:12]}…")
+    for list_url in pushed.lists:
+        click.echo(f"  --{Path(list_url).stem} {list_url}" if Path(list_url).stem in ("train", "val") else f"  {list_url}")
 
 
 @data.command("check")

@@ -13,9 +13,11 @@ from worker.broker import QUEUES, Broker
 from scheduler.health import BrokerDown, BrokerGuard, health
 from segmodel.jobs import JobNotFound, JobState, JobStatus, JobStore
 from segmodel.data import read_list
+from segmodel.datasets import is_remote, open_remote_list, sample_count
 from segmodel.errors import DataError, InitWeightsError, show_path
 from segmodel.initweights import read_init_weights
 from segmodel.spec import ChunkPlan, TrainSpec
+from segmodel.storage import StorageError
 from worker.app import make_app
 from worker.lease import make_leases
 from worker.registry import lost, online
@@ -86,7 +88,7 @@ class Control:
         update = {}
         roots = [r.resolve() for r in self.settings.data_roots]
         for field in ("train", "val", "init_weights"):
-            if getattr(spec, field) is None:
+            if getattr(spec, field) is None or (field != "init_weights" and is_remote(getattr(spec, field))):
                 continue
             path = _absolute(field, getattr(spec, field), self.settings.data_roots[0] if roots else Path.cwd())
             if roots and not any(path.is_relative_to(r) for r in roots):
@@ -103,6 +105,25 @@ class Control:
                 raise SpecRejected("pretrained_path", f"{show_path(path)} is not a regular file")
             update["pretrained_path"] = str(path)
         return spec.model_copy(update=update)
+
+    @staticmethod
+    def _check_lists(spec: TrainSpec) -> tuple[TrainSpec, int]:
+        """Parse both lists (a pushed list: read from its bucket and checked against its manifest,
+        whose sha256 the spec then records); the spec and its training sample count."""
+        update: dict[str, str] = {}
+        counts = {}
+        for field in ("train", "val"):
+            where = getattr(spec, field)
+            try:
+                if is_remote(where):
+                    remote = open_remote_list(where, getattr(spec, f"{field}_manifest_sha256"))
+                    update[f"{field}_manifest_sha256"] = remote.manifest_sha256
+                    counts[field] = remote.n_samples
+                else:
+                    counts[field] = len(read_list(where))
+            except (DataError, StorageError) as exc:
+                raise SpecRejected(field, str(exc)) from exc
+        return spec.model_copy(update=update), counts["train"]
 
     def named(self, name: str) -> list[str]:
         found = []
@@ -152,14 +173,11 @@ class Control:
         taken = self.named(spec.name) if spec.name is not None else []
         if taken and not (idempotency_key is not None and self.store.key_job(idempotency_key) in taken):
             raise SpecRejected("name", f"{spec.name!r} is already the name of job {taken[0]} (relay rm it, or pick another)")
-        try:
-            if idempotency_key is None:
-                job_id, created = self.store.create(spec, init_state=init_state)[0], True
-            else:
-                job_id, created = self.store.create_once(spec, idempotency_key, init_state)
-        except DataError as exc:
-            field = "train" if exc.list_file is not None and str(exc.list_file) == spec.train else "val"
-            raise SpecRejected(field, str(exc)) from exc
+        spec, n_train = self._check_lists(spec)
+        if idempotency_key is None:
+            job_id, created = self.store.create(spec, init_state=init_state, n_train=n_train)[0], True
+        else:
+            job_id, created = self.store.create_once(spec, idempotency_key, init_state, n_train=n_train)
         if not created:
             return job_id, self.store.state(job_id), False
         return job_id, self._dispatch(job_id, "submitted"), True
@@ -232,8 +250,8 @@ class Control:
             except ValidationError as exc:
                 raise SpecRejected("epochs", "; ".join(e["msg"] for e in exc.errors())) from exc
             try:
-                plan = ChunkPlan(new, len(read_list(new.train)))
-            except DataError as exc:
+                plan = ChunkPlan(new, sample_count(new.train, new.train_manifest_sha256))
+            except (DataError, StorageError) as exc:
                 raise SpecRejected("train", str(exc)) from exc
             if plan.steps_per_epoch != s.steps_per_epoch:
                 raise SpecRejected("train", f"{new.train} now gives {plan.steps_per_epoch} steps per epoch; job {job_id} "

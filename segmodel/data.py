@@ -63,7 +63,11 @@ def read_list(list_file: Path | str, bad_lines: list[DataError] | None = None) -
     """Parse a list file; paths are relative to it. Raises DataError naming file and line; with
     `bad_lines`, malformed lines are collected there instead and parsing goes on."""
     list_file = Path(list_file)
-    text = _list_text(list_file)
+    return parse_list(_list_text(list_file), list_file, bad_lines)
+
+
+def parse_list(text: str, list_file: Path, bad_lines: list[DataError] | None = None) -> list[Sample]:
+    """read_list on a list file's text: sample paths are `list_file`'s folder joined with each field."""
     root = list_file.parent
     samples: list[Sample] = []
     for n, raw in enumerate(text.splitlines(), start=1):

@@ -25,9 +25,9 @@ class DataError(RelayError):
         self,
         problem: str,
         *,
-        list_file: Path | None = None,
+        list_file: Path | str | None = None,
         line: int | None = None,
-        path: Path | None = None,
+        path: Path | str | None = None,
     ) -> None:
         self.problem = problem
         self.list_file = list_file

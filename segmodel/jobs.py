@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from segmodel import checkpoint
-from segmodel.data import read_list
+from segmodel.datasets import sample_count
 from segmodel.errors import CheckpointError
 from segmodel.layout import JobLayout
 from segmodel.spec import ChunkPlan, TrainSpec, chunks_left
@@ -189,11 +189,14 @@ class JobStore:
         except (JobNotFound, KeyRefused):
             return False
 
-    def create(self, spec: TrainSpec, job_id: str | None = None, init_state: dict[str, Any] | None = None) -> tuple[str, JobState]:
+    def create(self, spec: TrainSpec, job_id: str | None = None, init_state: dict[str, Any] | None = None,
+               n_train: int | None = None) -> tuple[str, JobState]:
         """Write a new job: the spec once, then the weights it starts from (`init_state`,
-        checksummed) if any, then the state, whose presence makes the job exist."""
-        n_train = len(read_list(spec.train))
-        read_list(spec.val)
+        checksummed) if any, then the state, whose presence makes the job exist. `n_train`: the
+        training samples, when the caller has checked both lists already."""
+        if n_train is None:
+            n_train = sample_count(spec.train, spec.train_manifest_sha256)
+            sample_count(spec.val, spec.val_manifest_sha256)
         plan = ChunkPlan(spec, n_train)
         job_id = job_id or new_job_id()
         self.layout(job_id)
@@ -217,7 +220,8 @@ class JobStore:
         except (ObjectNotFound, ValueError, KeyError):
             return None
 
-    def create_once(self, spec: TrainSpec, key: str, init_state: dict[str, Any] | None = None) -> tuple[str, bool]:
+    def create_once(self, spec: TrainSpec, key: str, init_state: dict[str, Any] | None = None,
+                    n_train: int | None = None) -> tuple[str, bool]:
         """The job this idempotency key made, or a new one: (job id, whether it was made now).
 
         A key's record is written before its job and marked done after, under a lock per key: a
@@ -243,7 +247,7 @@ class JobStore:
             if record["done"]:
                 raise IdempotencyConflict(f"Idempotency-Key {key!r} made job {job_id}, which no longer exists")
             try:
-                self.create(spec, job_id, init_state=init_state)
+                self.create(spec, job_id, init_state=init_state, n_train=n_train)
             except FileExistsError:
                 return job_id, False  # a concurrent submit with this key is creating it
             except BaseException:

@@ -65,6 +65,14 @@ class TrainSpec(BaseModel):
         None, pattern=r"^[0-9a-f]{64}$",
         description="sha256 of init_weights; filled in at submission (when given, the file must match it)",
     )
+    train_manifest_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the manifest of a pushed dataset's train list (s3:// train); filled in at submission, "
+        "and workers fetch that dataset or refuse (when given, the manifest must match it)",
+    )
+    val_manifest_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="the same for the val list",
+    )
     start_epoch: int = Field(
         0, ge=0, le=10_000,
         description="epochs init_weights has had: the job trains epochs start_epoch+1..epochs, each in the data "

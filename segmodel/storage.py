@@ -75,6 +75,10 @@ class Storage(ABC):
         """Every key under the folder `prefix` (recursive), sorted."""
 
     @abstractmethod
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every key under the folder `prefix` with its size in bytes (one listing, no reads)."""
+
+    @abstractmethod
     def children(self, prefix: str) -> list[str]:
         """Names of the sub-folders directly under the folder `prefix`, sorted (one LIST, not a walk)."""
 
@@ -230,6 +234,9 @@ class LocalStorage(Storage):
             keys += [str(rel / f) if str(rel) != "." else f for f in filenames if not f.startswith(".")]
         return sorted(keys)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return {key: (self.root / key).stat().st_size for key in self.list(prefix)}
+
     def children(self, prefix: str) -> list[str]:
         base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
         if not base.is_dir():
@@ -261,10 +268,11 @@ class ObjectStorage(Storage):
     AWS_SECRET_ACCESS_KEY, AWS_REGION (GOOGLE_SERVICE_ACCOUNT for gs://).
     """
 
-    def __init__(self, url: str, *, retries: int = 3, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, retries: int = 3, timeout_s: float = 30.0, name: str | None = None) -> None:
         import obstore.store
 
         self.url = url.rstrip("/")
+        self.name = name or f"RELAY_STORAGE={self.url}"  # what errors call it: the setting to fix
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
         self._store = obstore.store.from_url(
             self.url,
@@ -324,6 +332,15 @@ class ObjectStorage(Storage):
             raise self._explain(exc, prefix) from exc
         return sorted(m["path"] for m in found)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        import obstore
+
+        try:
+            found = obstore.list(self._store, prefix.strip("/") or None).collect()
+        except obstore.exceptions.BaseError as exc:
+            raise self._explain(exc, prefix) from exc
+        return {m["path"]: int(m["size"]) for m in found}
+
     def children(self, prefix: str) -> list[str]:
         import obstore
 
@@ -348,7 +365,7 @@ class ObjectStorage(Storage):
         key = f"relay-probe-{os.getpid()}"
         self.put(key, b"ok")
         if self.get(key) != b"ok":
-            raise StorageError(f"RELAY_STORAGE={self.url}: a probe object read back different bytes")
+            raise StorageError(f"{self.name}: a probe object read back different bytes")
         self.delete(key)
 
     def _not_found(self, exc: Exception, key: str) -> ObjectNotFound:
@@ -363,23 +380,24 @@ class ObjectStorage(Storage):
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
         bucket = self.url.split("://", 1)[-1].split("/", 1)[0]
         if "169.254.169.254" in text:  # no keys given, so the client asked the cloud's instance metadata
-            return StorageError(f"RELAY_STORAGE={self.url}: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+            return StorageError(f"{self.name}: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
         if "NoSuchBucket" in text:
-            return StorageError(f"RELAY_STORAGE={self.url}: bucket {bucket!r} does not exist at {endpoint}")
+            return StorageError(f"{self.name}: bucket {bucket!r} does not exist at {endpoint}")
         if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden")):
-            return StorageError(f"RELAY_STORAGE={self.url}: {endpoint} refused the credentials "
+            return StorageError(f"{self.name}: {endpoint} refused the credentials "
                                 f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
         if "error sending request" in text or "connect" in text.lower():
-            return StorageError(f"RELAY_STORAGE={self.url}: cannot reach {endpoint} (AWS_ENDPOINT_URL)")
+            return StorageError(f"{self.name}: cannot reach {endpoint} (AWS_ENDPOINT_URL)")
         first = text.splitlines()[0] if text else type(exc).__name__
         return StorageError(f"{self._where(key)}: {first}")
 
 
-def open_storage(where: str | Path) -> Storage:
-    """RELAY_STORAGE's value: a local folder, or s3://bucket/prefix (gs://, too)."""
+def open_storage(where: str | Path, name: str | None = None) -> Storage:
+    """RELAY_STORAGE's value: a local folder, or s3://bucket/prefix (gs://, too). `name` is what
+    errors call an object store (default: the RELAY_STORAGE setting)."""
     text = str(where)
     if text.startswith(("s3://", "gs://")):
-        return ObjectStorage(text)
+        return ObjectStorage(text, name=name)
     if "://" in text:
         raise StorageError(f"RELAY_STORAGE={text}: unsupported scheme (use a folder, s3://bucket/prefix or gs://bucket/prefix)")
     return LocalStorage(Path(text))

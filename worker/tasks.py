@@ -26,6 +26,9 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from worker.broker import Broker
 from segmodel.jobs import ENDED, ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
 from segmodel.data import read_list
+from segmodel.errors import DataError
+from segmodel.storage import StorageError
+from worker.datasets import localize
 from worker.trainer_env import worker_env
 from segmodel.spec import ChunkPlan, TrainSpec
 from segmodel.storage import StorageError
@@ -178,9 +181,23 @@ def _begin(rt: Runtime, job_id: str, is_current: Any) -> tuple[JobState, bool]:
     return rt.store.update(job_id, begin)
 
 
+def _keep_lease(rt: Runtime, job_id: str, token: str) -> Callable[[], None]:
+    """A heartbeat for work before the trainer runs (a dataset fetch): renews the lease when due."""
+    renewed = time.monotonic()
+
+    def beat() -> None:
+        nonlocal renewed
+        if time.monotonic() - renewed >= rt.settings.heartbeat_s:
+            rt.leases.renew(job_id, token)
+            renewed = time.monotonic()
+
+    return beat
+
+
 def _failed(rt: Runtime, job_id: str, what: str, exc: Exception) -> None:
-    """Record a failure: permanent ones fail the job now, others are retried up to the cap."""
-    permanent = isinstance(exc, TrainerFailed) and exc.permanent
+    """Record a failure: permanent ones (data that must change) fail the job now, others are
+    retried up to the cap."""
+    permanent = isinstance(exc, DataError) or (isinstance(exc, TrainerFailed) and exc.permanent)
     message = f"{what}: {exc}"
 
     def record(s: JobState) -> bool:
@@ -234,6 +251,11 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             return "dropped: job moved on or gave up"
         attempt = begun.attempts
         layout = files.layout
+        try:
+            spec = localize(spec, rt.settings.caches, rt.store, job_id, rt.settings.node, _keep_lease(rt, job_id, token))
+        except (DataError, StorageError) as exc:
+            _failed(rt, job_id, f"chunk {chunk}", exc)
+            return f"failed: {exc}"
         plan = ChunkPlan(spec, len(read_list(spec.train)))
         start, end = begun.step, plan.planned_end(begun.step)
         rt.trainer.start()
@@ -363,6 +385,11 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         if not go:
             return "dropped"
         layout = files.layout
+        try:
+            spec = localize(spec, rt.settings.caches, rt.store, job_id, rt.settings.node, _keep_lease(rt, job_id, token))
+        except (DataError, StorageError) as exc:
+            _failed(rt, job_id, "evaluation", exc)
+            return f"failed: {exc}"
         files.begin()
         files.pull(f"weights/weight{spec.epochs}.pt")
         rt.trainer.start()
