@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,56 @@ def test_job_on_object_storage(procs: Procs, s3_endpoint: str, s3_bucket: str, t
     # The scratch copies are gone: the workers kept only their caches.
     for folder in scratch.values():
         assert not (folder / "scratch" / "jobs" / job_id).exists()
+
+
+def test_data_only_in_the_bucket(procs: Procs, s3_endpoint: str, s3_bucket: str, tls_broker: TlsRedis,
+                                 tiny_data: dict[str, Path], reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """The dataset is pushed and its folder deleted: workers with empty caches fetch it from the bucket
+    and train the same weights as the folder gives."""
+    url = f"s3://{s3_bucket}/relay"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    procs.env.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, RELAY_STORAGE=url, RELAY_BROKER_URL=tls_broker.url(),
+                     RELAY_API_URL=api)
+    folder = tmp_path / "dataset"
+    shutil.copytree(tiny_data["train"].parent, folder)
+    pushed = procs.relay("data", "push", str(folder), f"s3://{s3_bucket}/datasets/tiny").stdout
+    train, val = f"s3://{s3_bucket}/datasets/tiny/train.txt", f"s3://{s3_bucket}/datasets/tiny/val.txt"
+    assert f"--train {train}" in pushed and f"--val {val}" in pushed and "pushed 42 files" in pushed, pushed
+    shutil.rmtree(folder)
+
+    procs.start("scheduler", "--port", str(port), name="scheduler")
+    scratch = {name: tmp_path / f"scratch-{name}" for name in ("w1", "w2")}
+    for name, cache in scratch.items():
+        procs.start("worker", "--name", name, name=name, env={"RELAY_CACHE_DIR": str(cache)})
+
+    def get(path: str) -> Any:
+        try:
+            return httpx.get(api + path, timeout=5).json()
+        except (httpx.TransportError, ValueError):
+            return None
+
+    wait_for(lambda: (q := get("/api/queue")) and len(q["workers"]) == 2, 120, f"two workers online (logs: {procs.tmp})")
+    spec = tiny_spec(tiny_data)
+    out = json.loads(procs.relay("submit", "--train", train, "--val", val, "--epochs", "3", "--seed", str(spec.seed),
+                                 "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "3",
+                                 "--no-pretrained", "--json").stdout)
+    job_id, digest = out["id"], out["spec"]["train_manifest_sha256"]
+    assert out["spec"]["train"] == train and out["spec"]["val_manifest_sha256"] == digest
+    job = wait_for(lambda: (j := get(f"/api/jobs/{job_id}")) and j["state"] in ("succeeded", "failed") and j, 300,
+                   f"the job to end (logs: {procs.tmp})")
+    assert job["state"] == "succeeded", job
+    weights = httpx.get(f"{api}/api/jobs/{job_id}/weights", timeout=30)
+    assert_equal_weights(torch.load(io.BytesIO(weights.content), weights_only=True), reference)
+
+    # Each worker that took part fetched each list once, into its own cache, and said so.
+    fetches = [e["what"] for e in job["events"] if " fetched " in e["what"]]
+    took_part = {f.split(" fetched ")[0] for f in fetches}
+    assert {h["worker"] for h in job["history"]} <= took_part, fetches
+    for name in took_part:
+        mine = [f for f in fetches if f.startswith(f"{name} fetched ")]
+        assert sorted(f.split(" for ")[1].split(" in ")[0] for f in mine) == ["train", "val"], fetches
+        assert any(f.startswith(f"{name} fetched 33 files, ") for f in mine), fetches
+        local = scratch[name] / "datasets" / digest
+        assert sorted(p.name for p in local.iterdir()) == ["annotations", "images", "manifest.json", "train.txt", "val.txt"]
+    assert len(fetches) == 2 * len(took_part), fetches
