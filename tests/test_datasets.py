@@ -169,3 +169,23 @@ def test_same_weights_from_the_fetched_copy(pushed: str, tiny_data: dict[str, Pa
                                     "val": str(fetch(f"{pushed}/val.txt", digest, tmp_path / "cache").list_file)})
     train_range(local, tmp_path / "job", 0, 12, cache_dir=tmp_path / "cache")
     assert_equal_weights(checkpoint.load(JobLayout(tmp_path / "job").weight(3)), reference)
+
+
+def test_relay_data_push_prints_the_urls_and_exits_with_the_right_code(s3_bucket: str, tiny_data: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from scheduler.cli import main
+
+    folder = str(tiny_data["train"].parent)
+    ok = CliRunner().invoke(main, ["data", "push", folder, f"s3://{s3_bucket}/tiny/"])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.splitlines()[1:] == [f"  --train s3://{s3_bucket}/tiny/train.txt", f"  --val s3://{s3_bucket}/tiny/val.txt"]
+    assert ok.stdout.startswith("pushed 42 files, ")
+    for args, code, message in [
+        ([str(tmp_path / "nope"), f"s3://{s3_bucket}/x"], 2, f"relay: {tmp_path / 'nope'}: no such folder"),
+        ([folder, str(tmp_path / "local")], 2, f"relay: {tmp_path / 'local'}: give an object-store URL"),
+        ([folder, "s3://no-such-bucket-here/x"], 4, "relay: dataset s3://no-such-bucket-here/x: bucket 'no-such-bucket-here' does not exist"),
+    ]:
+        bad = CliRunner().invoke(main, ["data", "push", *args])
+        assert (bad.exit_code, bad.stderr.splitlines()[-1].startswith(message)) == (code, True), bad.stderr
