@@ -189,3 +189,45 @@ def test_relay_data_push_prints_the_urls_and_exits_with_the_right_code(s3_bucket
     ]:
         bad = CliRunner().invoke(main, ["data", "push", *args])
         assert (bad.exit_code, bad.stderr.splitlines()[-1].startswith(message)) == (code, True), bad.stderr
+
+
+def test_a_worker_fetches_once_and_refuses_a_changed_dataset(pushed: str, tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    from scheduler.control import Control
+    from segmodel.jobs import JobStatus
+    from test_protocol import FakeTrainer
+    from worker import tasks
+    from worker.broker import Broker
+    from worker.lease import FileLeases
+    from worker.registry import WorkerRegistry
+
+    settings = Settings(storage=tmp_path / "storage", node="w1", cache_dir=tmp_path / "w1-cache")
+    control = Control(settings)
+    job_id, _ = control.submit(tiny_spec(tiny_data, train=f"{pushed}/train.txt", val=f"{pushed}/val.txt"))
+    digest = control.store.spec(job_id).train_manifest_sha256
+    trainer = FakeTrainer([None, None])
+
+    def runtime(node: str) -> tasks.Runtime:
+        s = settings.model_copy(update={"node": node, "cache_dir": tmp_path / f"{node}-cache"})
+        return tasks.Runtime(settings=s, store=control.store, broker=Broker(control.app, s), trainer=trainer,  # type: ignore[arg-type]
+                             leases=FileLeases(s.storage, 30), registry=WorkerRegistry(s.storage, node, ["cpu"]))
+
+    w1 = runtime("w1")
+    assert tasks.handle_train(w1, job_id, 0) == "committed chunk 0"
+    assert tasks.handle_train(w1, job_id, 1) == "committed chunk 1"
+    local = tmp_path / "w1-cache" / "datasets" / digest
+    assert [(r["spec"]["train"], r["spec"]["val"]) for r in trainer.requests] == [(str(local / "train.txt"), str(local / "val.txt"))] * 2
+    notes = [e.what for e in control.store.state(job_id).events if " fetched " in e.what]
+    sizes = {lst: datasets.size_text(sum(len(b) for n, b in _files(tiny_data["train"].parent).items()
+                                         if n == f"{lst}.txt" or f"/{lst}/" in n)) for lst in ("train", "val")}
+    assert [n.split(" in ")[0] for n in notes] == [f"w1 fetched 33 files, {sizes['train']} for train",
+                                                   f"w1 fetched 9 files, {sizes['val']} for val"]
+
+    # The dataset is pushed again, changed, to the same prefix: a worker without a copy refuses it.
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_data["train"].parent, changed)
+    (changed / "val.txt").write_text("".join(reversed((changed / "val.txt").read_text().splitlines(keepends=True))))
+    push(changed, pushed)
+    assert tasks.handle_train(runtime("w2"), job_id, 2).startswith("failed: ")
+    state = control.store.state(job_id)
+    assert state.status == JobStatus.failed and "the dataset changed since the job was submitted" in state.reason, state.reason
+    assert f"{pushed}/manifest.json" in state.reason
