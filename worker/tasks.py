@@ -182,14 +182,18 @@ def _begin(rt: Runtime, job_id: str, is_current: Any) -> tuple[JobState, bool]:
 
 
 def _keep_lease(rt: Runtime, job_id: str, token: str) -> Callable[[], None]:
-    """A heartbeat for work before the trainer runs (a dataset fetch): renews the lease when due."""
+    """A heartbeat for work before the trainer runs (a dataset fetch): renews the lease when due. A
+    broker that does not answer is ridden out: the chunk's uploads and commit are fenced anyway."""
     renewed = time.monotonic()
 
     def beat() -> None:
         nonlocal renewed
         if time.monotonic() - renewed >= rt.settings.heartbeat_s:
-            rt.leases.renew(job_id, token)
             renewed = time.monotonic()
+            try:
+                rt.leases.renew(job_id, token)
+            except INFRA_ERRORS as exc:
+                log.warning("%s: cannot renew the lease during the data fetch (%s)", job_id, exc)
 
     return beat
 
@@ -253,7 +257,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         layout = files.layout
         try:
             spec = localize(spec, rt.settings.caches, rt.store, job_id, rt.settings.node, _keep_lease(rt, job_id, token))
-        except (DataError, StorageError) as exc:
+        except (DataError, StorageError, OSError) as exc:  # bad data fails the job; the rest is retried
             _failed(rt, job_id, f"chunk {chunk}", exc)
             return f"failed: {exc}"
         plan = ChunkPlan(spec, len(read_list(spec.train)))
@@ -387,7 +391,7 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         layout = files.layout
         try:
             spec = localize(spec, rt.settings.caches, rt.store, job_id, rt.settings.node, _keep_lease(rt, job_id, token))
-        except (DataError, StorageError) as exc:
+        except (DataError, StorageError, OSError) as exc:  # bad data fails the job; the rest is retried
             _failed(rt, job_id, "evaluation", exc)
             return f"failed: {exc}"
         files.begin()
