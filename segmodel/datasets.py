@@ -10,7 +10,8 @@ that dataset or refuses. A fetched copy lives under `<cache>/datasets/<manifest 
 bucket's layout, so a list's relative paths resolve there as they did in the pushed folder. Every
 file is checked against the manifest (size and sha256) before it is renamed into place, and a list
 file is written only after every file it names: a fetch that dies leaves files that are whole and
-verified, or temporary names that nothing trusts, and the next fetch gets only what is missing.
+verified, or temporary names that nothing trusts (a later fetch removes them), and the next
+fetch gets only what is missing.
 """
 from __future__ import annotations
 
@@ -305,6 +306,8 @@ def fetch(url: str, manifest_sha256: str, cache: Path, threads: int = THREADS, p
     list_data = None if local_list.is_file() else get(name)
     _, files = _list_in(manifest, url, list_data if list_data is not None else local_list.read_bytes())
     missing = [rel for rel, _ in files if not _whole(root / rel, manifest.files[rel])]
+    if missing:
+        _remove_dead_temporaries(root)
     done, got = 0, 0
 
     def fetch_one(rel: str) -> int:
@@ -329,3 +332,16 @@ def _whole(path: Path, entry: Entry) -> bool:
         return path.stat().st_size == entry.size
     except OSError:
         return False
+
+
+def _remove_dead_temporaries(root: Path) -> None:
+    """Temporary files of fetches whose process died (atomic_write_bytes names them
+    .<name>.<pid>.<thread>.tmp): never trusted, only taking space."""
+    for tmp in root.rglob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 3)[-3])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, IndexError, PermissionError):
+            continue  # not ours, or another user's live process

@@ -117,10 +117,13 @@ def test_fetch_verifies_and_keeps_what_is_whole(pushed: str, tiny_data: dict[str
            [(s.image.read_bytes(), s.annotation.read_bytes()) for s in read_list(tiny_data["train"])]
     warm = fetch(f"{pushed}/train.txt", digest, cache)
     assert (warm.list_file, warm.files, warm.bytes) == (cold.list_file, 0, 0)
-    # A file cut short on this disk is fetched again, and only it.
+    # A file cut short on this disk is fetched again, and only it; what a killed fetch left is removed.
     local[5].image.write_bytes(local[5].image.read_bytes()[:10])
+    dead = local[6].image.with_name(f".{local[6].image.name}.999999999.1.tmp")
+    dead.write_bytes(b"half")
     again = fetch(f"{pushed}/train.txt", digest, cache)
     assert again.files == 1 and local[5].image.read_bytes() == read_list(tiny_data["train"])[5].image.read_bytes()
+    assert not dead.exists()
     # The val list shares the folder.
     assert fetch(f"{pushed}/val.txt", digest, cache).list_file.parent == cold.list_file.parent
     assert not list(cache.rglob(".*.tmp"))
