@@ -43,7 +43,7 @@ from worker.registry import online
 from worker.settings import Settings
 
 FAULTS = ("kill_worker", "kill_trainer", "term_worker", "preempt_kill", "redis_restart", "flushall", "scheduler_restart",
-          "duplicate", "stale", "corrupt_newest", "corrupt_older")
+          "broker_pause", "trainer_stall", "duplicate", "stale", "corrupt_newest", "corrupt_older")
 PREEMPTIONS = ("term_worker", "preempt_kill")
 WORKERS = 3
 
@@ -113,7 +113,8 @@ class Rig:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         self.env.update(RELAY_STORAGE=str(self.storage), RELAY_BROKER_URL=self.broker_url, PYTHONUNBUFFERED="1",
                         RELAY_API_URL=f"http://127.0.0.1:{self.api_port}", RELAY_LEASE_TTL_S="3",
-                        RELAY_RECONCILE_INTERVAL_S="0.5", RELAY_RECONCILE_GRACE_S="3", RELAY_MAX_ATTEMPTS="20")
+                        RELAY_RECONCILE_INTERVAL_S="0.5", RELAY_RECONCILE_GRACE_S="3", RELAY_MAX_ATTEMPTS="20",
+                        RELAY_STALL_TIMEOUT_S="30")
         self.redis: subprocess.Popen[bytes] | None = None
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -231,11 +232,17 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
             grace = rng.uniform(0, 3)
             threading.Timer(grace, lambda: _killpg(victim.pid)).start()
         rig.start_worker()
-    elif kind == "kill_trainer":
+    elif kind in ("kill_trainer", "trainer_stall"):
         pid = rig.busy_trainer(job_id)
         if pid is None:
             return False
-        os.kill(pid, signal.SIGKILL)
+        # trainer_stall: alive and silent (an NFS hang, a wedged GPU) until the stall watchdog kills it
+        os.kill(pid, signal.SIGKILL if kind == "kill_trainer" else signal.SIGSTOP)
+    elif kind == "broker_pause":  # connections stay open, nothing answers, for longer than the lease TTL
+        assert rig.redis is not None
+        paused = rig.redis
+        paused.send_signal(signal.SIGSTOP)
+        threading.Timer(rng.uniform(4, 8), lambda: paused.poll() is None and paused.send_signal(signal.SIGCONT)).start()
     elif kind == "redis_restart":
         assert rig.redis is not None
         os.killpg(rig.redis.pid, signal.SIGKILL)
@@ -312,6 +319,16 @@ def check(rig: Rig, job_id: str, bystanders: dict[str, str], reference: dict[str
             continue
         if e == spec.epochs and not all(torch.equal(weights[k], reference[k]) for k in reference):
             v.append("final weights differ from the uninterrupted reference")
+    # The job's record: every step once, in order, to the last; the evaluation's report written.
+    ranges = [(h.start_step, h.end_step) for h in state.history]
+    if [h.chunk for h in state.history] != list(range(len(state.history))):
+        v.append(f"history chunks {[h.chunk for h in state.history]} are not 0, 1, 2, ...")
+    if any(b[0] > a[1] for a, b in zip(ranges, ranges[1:])) or not ranges or ranges[0][0] != 0:
+        v.append(f"history leaves steps out: {ranges}")
+    if state.step != state.total_steps or (ranges and ranges[-1][1] != state.total_steps):
+        v.append(f"job ended at step {state.step}, history at {ranges[-1][1] if ranges else None}, of {state.total_steps}")
+    if not layout.report_file.is_file():
+        v.append("no evaluation report")
     # The commit log: consecutive chunks, except right after a recorded rewind; no overlap in time.
     expected, last_end = 0, 0.0
     for line in layout.commit_log.read_text().splitlines():
