@@ -43,7 +43,7 @@ from worker.registry import online
 from worker.settings import Settings
 
 FAULTS = ("kill_worker", "kill_trainer", "term_worker", "preempt_kill", "redis_restart", "flushall", "scheduler_restart",
-          "broker_pause", "trainer_stall", "duplicate", "stale", "corrupt_newest", "corrupt_older")
+          "broker_pause", "trainer_stall", "disk_full", "duplicate", "stale", "corrupt_newest", "corrupt_older")
 PREEMPTIONS = ("term_worker", "preempt_kill")
 WORKERS = 3
 
@@ -106,6 +106,7 @@ class Rig:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.storage = root / "storage"
+        self.image = self._small_disk()
         self.victim = ""  # the worker the last kill or preemption hit
         self.redis_port = free_port()
         self.api_port = free_port()
@@ -193,6 +194,22 @@ class Rig:
             if p is not None and p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        if self.image is not None:
+            subprocess.run(["umount", "-l", str(self.storage)], check=False)
+            self.image.unlink(missing_ok=True)
+
+    def _small_disk(self) -> Path | None:
+        """Storage on a filesystem of its own (a loop-mounted ext4 image, no blocks reserved for
+        root), which `disk_full` can fill; None where that needs what this machine lacks (root)."""
+        if os.geteuid() != 0 or not all(shutil.which(t) for t in ("mkfs.ext4", "mount", "umount", "fallocate")):
+            return None
+        image = self.root / "storage.img"
+        with open(image, "wb") as f:
+            f.truncate(16 << 30)  # sparse: only what is written takes disk space
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+        self.storage.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(self.storage)], check=True)
+        return image
 
 
 def _ping(client: Any) -> bool:
@@ -238,6 +255,13 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
             return False
         # trainer_stall: alive and silent (an NFS hang, a wedged GPU) until the stall watchdog kills it
         os.kill(pid, signal.SIGKILL if kind == "kill_trainer" else signal.SIGSTOP)
+    elif kind == "disk_full":  # every write to storage fails (ENOSPC) for a few seconds
+        if rig.image is None:
+            return False
+        free = os.statvfs(rig.storage).f_bavail * os.statvfs(rig.storage).f_frsize
+        ballast = rig.storage / ".ballast"
+        subprocess.run(["fallocate", "-l", str(max(free - (16 << 10), 4096)), str(ballast)], check=True)
+        threading.Timer(rng.uniform(2, 5), lambda: ballast.unlink(missing_ok=True)).start()
     elif kind == "broker_pause":  # connections stay open, nothing answers, for longer than the lease TTL
         assert rig.redis is not None
         paused = rig.redis
@@ -426,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--faults", type=int, default=3, help="faults per trial")
+    parser.add_argument("--kinds", default=",".join(FAULTS), help="the fault kinds to draw from (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the trials' folders and logs")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -455,17 +480,24 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(args: argparse.Namespace, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tensor], rng: random.Random,
             trials: list[Trial]) -> None:
     # Every kind appears in the first trials (in turn), then kinds are drawn at random.
-    deck = list(FAULTS)
+    kinds_allowed = [k for k in args.kinds.split(",") if k]
+    unknown = set(kinds_allowed) - set(FAULTS)
+    if unknown:
+        raise SystemExit(f"--kinds: unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    if rig.image is None and "disk_full" in kinds_allowed:
+        print("disk_full: not injected (it needs root to mount a small filesystem for storage)")
+        kinds_allowed.remove("disk_full")
+    deck = list(kinds_allowed)
     rng.shuffle(deck)
     for i in range(args.trials):
-        kinds = [deck.pop() if deck else rng.choice(FAULTS) for _ in range(args.faults)]
+        kinds = [deck.pop() if deck else rng.choice(kinds_allowed) for _ in range(args.faults)]
         short_visibility = i % 3 == 2
         trial = run_trial(i, rig, spec, reference, rng, kinds, short_visibility)
         applied = [k for k, _ in trial.faults]
         for kind in kinds:  # a fault the job ended too early for goes back into the deck
             if kind in applied:
                 applied.remove(kind)
-            elif kind in FAULTS:
+            elif kind in kinds_allowed:
                 deck.append(kind)
         tag = " (visibility timeout 1 s)" if short_visibility else ""
         print(f"trial {i}{tag}: {', '.join(k for k, _ in trial.faults)} -> {trial.seconds:.0f} s, "

@@ -41,6 +41,10 @@ def print_status(queue: dict[str, Any], jobs: list[dict[str, Any]], total: int |
         since = f"{time.time() - w['since']:.0f} s" if w.get("since") else ""
         workers.add_row(w["node"], ",".join(w["queues"]), doing, since)
     console.print(workers)
+    for w in queue["workers"]:
+        if w.get("problem"):
+            console.print(f"[yellow]{w['node']}:[/] {w['problem']['what']} "
+                          f"({time.strftime('%H:%M:%S', time.localtime(w['problem']['at']))})")
     for w in queue.get("lost_workers", []):
         doing = f", was training {w['job']} chunk {w['chunk']}" if w.get("job") else ""
         console.print(f"[red]lost:[/] worker {w['node']} stopped heartbeating {_eta(time.time() - w['lost_at'])} ago "

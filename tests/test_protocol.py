@@ -201,3 +201,26 @@ def test_a_crafted_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> 
     with pytest.raises(checkpoint.CheckpointError, match="does not load"):
         checkpoint.load(path)
     assert not marker.exists()
+
+
+def test_a_failure_storage_cannot_record_goes_to_the_log_and_the_registry(rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt, control, job_id = rig
+    rt.trainer.script = [TrainerFailed("OSError", "[Errno 28] No space left on device: 'step3.pt'")]
+
+    def full_disk(*_: Any, **__: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    real_update = rt.store.update
+    begun = []
+
+    def update(job: str, change: Any) -> Any:
+        if begun:  # the attempt is counted; the failure's record then meets the full disk
+            full_disk()
+        begun.append(1)
+        return real_update(job, change)
+
+    monkeypatch.setattr(rt.store, "update", update)
+    assert tasks.handle_train(rt, job_id, 0).startswith("failed")  # nothing escapes to Celery
+    problem = rt.registry.record["problem"]["what"]
+    assert job_id in problem and "No space left on device: 'step3.pt'" in problem and "could not record it" in problem
+    assert rt.leases.holder(job_id) is None  # released: the reconciler can send the chunk again

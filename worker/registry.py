@@ -46,7 +46,20 @@ class WorkerRegistry:
     def doing(self, job: str | None, chunk: int | str | None, trainer_pid: int | None = None) -> None:
         with self._lock:
             self.record.update(job=job, chunk=chunk, trainer_pid=trainer_pid, since=time.time() if job else None)
-        self._write()
+        self._publish()
+
+    def trouble(self, what: str) -> None:
+        """The worker's latest infrastructure problem (e.g. a failure it could not record in the job),
+        shown with the worker in `relay status`, the API and the dashboard."""
+        with self._lock:
+            self.record["problem"] = {"at": time.time(), "what": what}
+        self._publish()
+
+    def _publish(self) -> None:
+        try:
+            self._write()
+        except (OSError, StorageError):
+            pass  # storage hiccup: the record stays in memory and the next beat writes it
 
     def stop(self) -> None:
         self._stop.set()

@@ -220,6 +220,7 @@ def _failed(rt: Runtime, job_id: str, what: str, exc: Exception) -> None:
     except INFRA_ERRORS as cause:  # e.g. the disk that failed the chunk is full for the record too
         log.error("%s: %s; not recorded (%s): the reconciler sends the chunk again once storage and broker answer",
                   job_id, message, cause)
+        rt.registry.trouble(f"job {job_id}: {message}; could not record it: {cause}")
 
 
 def _roll_back(rt: Runtime, job_id: str, exc: Exception) -> None:
@@ -300,6 +301,8 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
                              started_at=started, ended_at=time.time(), **{k: result[k] for k in (
                                  "start_step", "end_step", "seconds", "loss_last", "images_per_s", "checkpoint_sha256", "environment")})
 
+        committed: dict[str, Any] = {}  # the commit log's line, once the state holds the commit
+
         def commit(s: JobState) -> bool:
             # Fencing: only the lease holder commits, and only if the job is still at this chunk.
             if s.chunk != chunk or s.status not in (JobStatus.queued, JobStatus.running, JobStatus.paused):
@@ -315,10 +318,8 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             if record.environment.get("deterministic") is False:
                 s.note(f"chunk {chunk} ran without deterministic kernels ({record.environment.get('why_not')}): "
                        f"the job's weights are reproducible within float rounding only")
-            rt.store.log(job_id, {"chunk": chunk, "start_step": record.start_step, "end_step": record.end_step,
-                                  "ended": record.ended, "worker": rt.settings.node, "token": token, "started_at": started,
-                                  "committed_at": time.time()},
-                         f"c{chunk:05d}.{token}")
+            committed.update(chunk=chunk, start_step=record.start_step, end_step=record.end_step, ended=record.ended,
+                             worker=rt.settings.node, token=token, started_at=started, committed_at=time.time())
             if s.status == JobStatus.paused:
                 s.note(f"paused after chunk {chunk}")
             return s.status.active
@@ -330,6 +331,13 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             # without training (once the reconciler or a redelivery sends the chunk again).
             log.warning("%s chunk %s: trained to step %s, not committed: %s", job_id, chunk, record.end_step, exc)
             return f"not committed: {exc}"
+        if committed:
+            # Written after the state holds the commit, so a state write that fails (a full disk, a
+            # conflict retried) leaves no line for a commit that did not happen.
+            try:
+                rt.store.log(job_id, committed, f"c{chunk:05d}.{token}")
+            except INFRA_ERRORS as exc:
+                log.error("%s chunk %s: committed, but not written to the commit log: %s", job_id, chunk, exc)
         if go_on:
             # Release first: the next chunk's worker must find the lease free, not drop its message.
             rt.leases.release(job_id, token)

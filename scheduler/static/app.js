@@ -428,7 +428,8 @@
           return h("tr", { class: "worker-row", dataset: { node: w.node } },
             h("td", {}, w.node),
             h("td", {}, (w.queues || []).join(", ")),
-            h("td", { class: "worker-doing" }, doing),
+            h("td", { class: "worker-doing" }, doing,
+              w.problem ? h("div", { class: "warn worker-problem", title: fmtDateTime(w.problem.at) }, w.problem.what) : ""),
             h("td", {}, w.since ? fmtDuration(queue.at - w.since) : ""),
             h("td", { class: age > 2 * HEARTBEAT_S ? "warn" : "" }, `${age.toFixed(1)} s ago`));
         }));
