@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import S3_CREDENTIALS, Procs, assert_equal_weights, free_port, tiny_spec, wait_for
+from conftest import S3_CREDENTIALS, Procs, assert_equal_weights, tiny_spec, wait_for
 from segmodel.storage import open_storage
 from test_tls_broker import TlsRedis, start_tls_redis
 
@@ -28,33 +28,45 @@ def tls_broker(tmp_path: Path) -> Iterator[TlsRedis]:
     proc.wait()
 
 
-def test_job_on_object_storage(procs: Procs, s3_endpoint: str, s3_bucket: str, tls_broker: TlsRedis,
-                               tiny_data: dict[str, Path], reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    url = f"s3://{s3_bucket}/relay"
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    procs.env.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, RELAY_STORAGE=url, RELAY_BROKER_URL=tls_broker.url(),
-                     RELAY_API_URL=api)
-    procs.start("scheduler", "--port", str(port), name="scheduler")
-    scratch = {name: tmp_path / f"scratch-{name}" for name in ("w1", "w2")}
-    for name, folder in scratch.items():
-        procs.start("worker", "--name", name, name=name, env={"RELAY_CACHE_DIR": str(folder)})
+class BucketRig:
+    """Storage in the bucket and a TLS broker: a scheduler and two workers with empty scratch caches."""
 
-    def get(path: str) -> Any:
+    def __init__(self, procs: Procs, s3_endpoint: str, url: str, tls_broker: TlsRedis, tmp_path: Path) -> None:
+        self.procs = procs
+        procs.env.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, RELAY_STORAGE=url, RELAY_BROKER_URL=tls_broker.url())
+        self.scratch = {name: tmp_path / f"scratch-{name}" for name in ("w1", "w2")}
+
+    def start(self) -> str:
+        self.procs.env["RELAY_API_URL"] = self.api = self.procs.start_scheduler()
+        for name, folder in self.scratch.items():
+            self.procs.start("worker", "--name", name, name=name, env={"RELAY_CACHE_DIR": str(folder)})
+        wait_for(lambda: (q := self.get("/api/queue")) and len(q["workers"]) == 2, 120, f"two workers online (logs: {self.procs.tmp})")
+        return self.api
+
+    def get(self, path: str) -> Any:
         try:
-            return httpx.get(api + path, timeout=5).json()
+            return httpx.get(self.api + path, timeout=5).json()
         except (httpx.TransportError, ValueError):
             return None
 
-    wait_for(lambda: (q := get("/api/queue")) and len(q["workers"]) == 2, 120, f"two workers online (logs: {procs.tmp})")
+    def run(self, train: str, val: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Submit the tiny job on these lists; (the submission, the job once it ended)."""
+        out = json.loads(self.procs.relay("submit", "--train", train, "--val", val, "--epochs", "3", "--seed", str(seed),
+                                          "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "3",
+                                          "--no-pretrained", "--json").stdout)
+        job = wait_for(lambda: (j := self.get(f"/api/jobs/{out['id']}")) and j["state"] in ("succeeded", "failed") and j, 300,
+                       f"the job to end (logs: {self.procs.tmp})")
+        assert job["state"] == "succeeded", job
+        return out, job
+
+
+def test_job_on_object_storage(procs: Procs, s3_endpoint: str, s3_bucket: str, tls_broker: TlsRedis,
+                               tiny_data: dict[str, Path], reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    url = f"s3://{s3_bucket}/relay"
+    rig = BucketRig(procs, s3_endpoint, url, tls_broker, tmp_path)
+    api, get, scratch = rig.start(), rig.get, rig.scratch
     spec = tiny_spec(tiny_data)
-    out = json.loads(procs.relay("submit", "--train", spec.train, "--val", spec.val, "--epochs", "3", "--seed", str(spec.seed),
-                                 "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "3",
-                                 "--no-pretrained", "--json").stdout)
-    job_id = out["id"]
-    job = wait_for(lambda: (j := get(f"/api/jobs/{job_id}")) and j["state"] in ("succeeded", "failed") and j, 300,
-                   f"the job to end (logs: {procs.tmp})")
-    assert job["state"] == "succeeded", job
+    job_id = rig.run(spec.train, spec.val, spec.seed)[0]["id"]
 
     # Everything is in the bucket, nothing in a shared folder: the weights come back through the API.
     weights = httpx.get(f"{api}/api/jobs/{job_id}/weights", timeout=30)
@@ -80,10 +92,7 @@ def test_data_only_in_the_bucket(procs: Procs, s3_endpoint: str, s3_bucket: str,
     """The dataset is pushed and its folder deleted: workers with empty caches fetch it from the bucket
     and train the same weights as the folder gives."""
     url = f"s3://{s3_bucket}/relay"
-    port = free_port()
-    api = f"http://127.0.0.1:{port}"
-    procs.env.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, RELAY_STORAGE=url, RELAY_BROKER_URL=tls_broker.url(),
-                     RELAY_API_URL=api)
+    rig = BucketRig(procs, s3_endpoint, url, tls_broker, tmp_path)
     folder = tmp_path / "dataset"
     shutil.copytree(tiny_data["train"].parent, folder)
     pushed = procs.relay("data", "push", str(folder), f"s3://{s3_bucket}/datasets/tiny").stdout
@@ -91,27 +100,10 @@ def test_data_only_in_the_bucket(procs: Procs, s3_endpoint: str, s3_bucket: str,
     assert f"--train {train}" in pushed and f"--val {val}" in pushed and "pushed 42 files" in pushed, pushed
     shutil.rmtree(folder)
 
-    procs.start("scheduler", "--port", str(port), name="scheduler")
-    scratch = {name: tmp_path / f"scratch-{name}" for name in ("w1", "w2")}
-    for name, cache in scratch.items():
-        procs.start("worker", "--name", name, name=name, env={"RELAY_CACHE_DIR": str(cache)})
-
-    def get(path: str) -> Any:
-        try:
-            return httpx.get(api + path, timeout=5).json()
-        except (httpx.TransportError, ValueError):
-            return None
-
-    wait_for(lambda: (q := get("/api/queue")) and len(q["workers"]) == 2, 120, f"two workers online (logs: {procs.tmp})")
-    spec = tiny_spec(tiny_data)
-    out = json.loads(procs.relay("submit", "--train", train, "--val", val, "--epochs", "3", "--seed", str(spec.seed),
-                                 "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "3",
-                                 "--no-pretrained", "--json").stdout)
+    api, scratch = rig.start(), rig.scratch
+    out, job = rig.run(train, val, tiny_spec(tiny_data).seed)
     job_id, digest = out["id"], out["spec"]["train_manifest_sha256"]
     assert out["spec"]["train"] == train and out["spec"]["val_manifest_sha256"] == digest
-    job = wait_for(lambda: (j := get(f"/api/jobs/{job_id}")) and j["state"] in ("succeeded", "failed") and j, 300,
-                   f"the job to end (logs: {procs.tmp})")
-    assert job["state"] == "succeeded", job
     weights = httpx.get(f"{api}/api/jobs/{job_id}/weights", timeout=30)
     assert_equal_weights(torch.load(io.BytesIO(weights.content), weights_only=True), reference)
 
