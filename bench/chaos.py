@@ -206,9 +206,13 @@ class Rig:
         image = self.root / "storage.img"
         with open(image, "wb") as f:
             f.truncate(16 << 30)  # sparse: only what is written takes disk space
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
         self.storage.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-o", "loop", str(image), str(self.storage)], check=True)
+        for step in (["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], ["mount", "-o", "loop", str(image), str(self.storage)]):
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:  # e.g. no loop devices in a container
+                print(f"disk_full: {' '.join(step[:3])} failed ({done.stderr.strip()}); storage stays on the parent filesystem")
+                image.unlink()
+                return None
         return image
 
 
