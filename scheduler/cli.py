@@ -145,7 +145,8 @@ def _spec(kw: dict[str, Any]) -> TrainSpec:
     try:
         return TrainSpec(**fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
         _fail(f"invalid job spec: {problems}", EXIT_BAD_INPUT)
         raise
 
@@ -402,10 +403,12 @@ def worker(queues: str, name: str | None, loglevel: str, max_runtime: str | None
 
     from worker.lifetime import Lifetime, parse_duration
 
-    try:
-        limits = {k: parse_duration(v) if v else None for k, v in (("--max-runtime", max_runtime), ("--exit-when-idle", exit_when_idle))}
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    limits: dict[str, float | None] = {}
+    for option, value in (("--max-runtime", max_runtime), ("--exit-when-idle", exit_when_idle)):
+        try:
+            limits[option] = parse_duration(value) if value else None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
 
     node = name or os.environ.get("RELAY_NODE") or f"{socket.gethostname()}.{os.getpid()}"
     queue_list = [q.strip() for q in queues.split(",") if q.strip()]

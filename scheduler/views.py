@@ -109,8 +109,9 @@ def chunk_line(job: dict[str, Any], h: dict[str, Any]) -> str:
     """The line for one committed chunk."""
     p = job["progress"]
     spe = p["total_steps"] / p["epochs"]
+    steps = h["end_step"] - h["start_step"]
     return (f"{_who(job)}: chunk {h['chunk'] + 1}/{p['n_chunks']} done ({h.get('ended', 'steps')}, "
-            f"{h['end_step'] - h['start_step']} steps)  step {h['end_step']}/{p['total_steps']} "
+            f"{steps} step{'' if steps == 1 else 's'})  step {h['end_step']}/{p['total_steps']} "
             f"({100 * h['end_step'] / p['total_steps']:.0f}%)  epoch {h['end_step'] / spe:.2f}/{p['epochs']}  "
             f"loss {h['loss_last']:.4f}  speed {h['images_per_s']:.1f} img/s  eta {_eta(job['eta_s'])}")
 
