@@ -1,12 +1,15 @@
 """Workers on other hosts: each worker in its own network namespace, joined to the scheduler's host by
-a veth pair on a Linux bridge, reaching the TLS broker and the S3 server only over that link. One
-worker's link is cut mid-chunk while it holds the lease and restored after the other took over."""
+a veth pair on a Linux bridge, reaching the TLS broker and the S3 server only over that link. The
+dataset is pushed to the bucket and its folder deleted, so each worker fetches it into its own
+scratch. One worker's link is cut mid-chunk while it holds the lease and restored after the other
+took over."""
 from __future__ import annotations
 
 import io
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -113,6 +116,10 @@ class Lan:
         _ip("link", "del", self.bridge, check=False)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.fixture
 def lan() -> Iterator[Lan]:
     why = _cannot_run()
@@ -150,10 +157,21 @@ def services(lan: Lan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 def test_worker_cut_off_mid_chunk(lan: Lan, services: dict[str, str], procs: Procs, tiny_data: dict[str, Path],
                                   reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
     procs.env.update(services, RELAY_LEASE_TTL_S="6")
+    # The data exists only in the bucket: pushed from the host side over the bridge, then its folder deleted.
+    # The copy has the bytes `reference` was trained from.
+    folder = tmp_path / "dataset"
+    shutil.copytree(tiny_data["train"].parent, folder)
+    prefix = "s3://relay-multihost/datasets/tiny"
+    pushed = procs.relay("data", "push", str(folder), prefix).stdout
+    train, val = f"{prefix}/train.txt", f"{prefix}/val.txt"
+    assert f"--train {train}" in pushed and f"--val {val}" in pushed and "pushed 42 files" in pushed, pushed
+    shutil.rmtree(folder)
+
     api = procs.env["RELAY_API_URL"] = procs.start_scheduler()
+    scratch = {name: tmp_path / f"scratch-{name}" for name in WORKERS}
     for name, threads in WORKERS.items():
         procs.start("worker", "--name", name, name=name, prefix=lan.prefix(name),
-                    env={"RELAY_CACHE_DIR": str(tmp_path / f"scratch-{name}"), "OMP_NUM_THREADS": threads,
+                    env={"RELAY_CACHE_DIR": str(scratch[name]), "OMP_NUM_THREADS": threads,
                          "RELAY_THROTTLE_STEP_S": "0.6"})
 
     def get(path: str) -> Any:
@@ -167,10 +185,11 @@ def test_worker_cut_off_mid_chunk(lan: Lan, services: dict[str, str], procs: Pro
 
     wait_for(lambda: len(workers()) == 2, 120, f"two workers online (logs: {procs.tmp})")
     spec = tiny_spec(tiny_data, chunk_steps=4)  # chunks 0..2 of 4 steps, 2.4 s of throttled training each
-    out = procs.relay("submit", "--train", spec.train, "--val", spec.val, "--epochs", "3", "--seed", str(spec.seed),
-                      "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "4", "--no-pretrained",
-                      "--json")
-    job_id = json.loads(out.stdout)["id"]
+    out = json.loads(procs.relay("submit", "--train", train, "--val", val, "--epochs", "3", "--seed", str(spec.seed),
+                                 "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "4",
+                                 "--no-pretrained", "--json").stdout)
+    job_id, digest = out["id"], out["spec"]["train_manifest_sha256"]
+    assert (out["spec"]["train"], out["spec"]["val"]) == (train, val) and out["spec"]["val_manifest_sha256"] == digest
     store = JobStore(services["RELAY_STORAGE"])
 
     victim = wait_for(lambda: next((n for n, w in workers().items() if w.get("job") == job_id and w.get("chunk") == 1), None),
@@ -198,6 +217,16 @@ def test_worker_cut_off_mid_chunk(lan: Lan, services: dict[str, str], procs: Pro
     # Whatever the cut-off worker wrote after it came back left the committed checkpoint as it was.
     assert store.checkpoint_digest(job_id, 8) == job["history"][1]["checkpoint_sha256"]
     assert [m["step"] for m in get(f"/api/jobs/{job_id}/metrics")] == list(range(1, 13))
+
+    # Both workers trained, so each fetched each list and the files it names once, into its own scratch,
+    # and the job's events say so; the scratch copy holds the pushed folder's files, byte for byte.
+    fetches = [e["what"] for e in job["events"] if " fetched " in e["what"]]
+    said = sorted(m.groups() for f in fetches if (m := re.fullmatch(r"(\w+) fetched (\d+) files, .+ for (\w+) in [\d.]+ s", f)))
+    assert said == [(w, n, field) for w in sorted(WORKERS) for n, field in (("33", "train"), ("9", "val"))], fetches
+    pushed_files = _files(tiny_data["train"].parent)
+    for name in WORKERS:
+        local = _files(scratch[name] / "datasets" / digest)
+        assert local.pop("manifest.json") and local == pushed_files, f"{name}'s fetched copy differs"
 
     weights = httpx.get(f"{api}/api/jobs/{job_id}/weights", timeout=30)
     assert weights.status_code == 200
