@@ -262,9 +262,16 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
     elif kind == "disk_full":  # every write to storage fails (ENOSPC) for a few seconds
         if rig.image is None:
             return False
-        free = os.statvfs(rig.storage).f_bavail * os.statvfs(rig.storage).f_frsize
+        st = os.statvfs(rig.storage)
         ballast = rig.storage / ".ballast"
-        subprocess.run(["fallocate", "-l", str(max(free - (16 << 10), 4096)), str(ballast)], check=True)
+        # All but a few hundred kB (the filesystem's own metadata needs some room to allocate it).
+        for spare in (256 << 10, 4 << 20, 64 << 20):
+            if subprocess.run(["fallocate", "-l", str(max(st.f_bavail * st.f_frsize - spare, 4096)), str(ballast)],
+                              capture_output=True).returncode == 0:
+                break
+        else:
+            ballast.unlink(missing_ok=True)
+            return False
         threading.Timer(rng.uniform(2, 5), lambda: ballast.unlink(missing_ok=True)).start()
     elif kind == "broker_pause":  # connections stay open, nothing answers, for longer than the lease TTL
         assert rig.redis is not None
@@ -428,7 +435,7 @@ def run_trial(i: int, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tens
                 trial.preempted.append((kind, rig.victim))
     wait_for(lambda: store.state(job_id).status.final, 300, f"trial {i}: the job to end (logs in {rig.root})")
     trial.seconds = time.time() - t0
-    commits = [json.loads(x) for x in store.layout(job_id).commit_log.read_text().splitlines()]
+    commits = store.records(job_id, "commits")  # none if the job failed before its first commit
     done_at = store.state(job_id).updated_at
     for _, when in trial.faults:
         nxt = min((c["committed_at"] for c in commits if "committed_at" in c and c["committed_at"] > when), default=done_at)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 # What retrying cannot fix: the job fails at once with the message.
-PERMANENT = {"DataError", "TrainingError", "PretrainedWeightsUnavailable", "ValidationError", "CacheSpaceError"}
+# Not a full cache disk (CacheSpaceError): another worker may have room, or this one later.
+PERMANENT = {"DataError", "TrainingError", "PretrainedWeightsUnavailable", "ValidationError"}
 
 
 class TrainerCrashed(RuntimeError):
