@@ -7,12 +7,18 @@ let it commit, and the table reports both.
 
     python bench/chaos.py --trials 10 --seed 0           # the short profile CI runs
     python bench/chaos.py --trials 100 --seed 1          # a long profile, on demand
+    python bench/chaos.py --storage s3 --trials 30       # storage on an S3 server (moto), workers with own caches
+
+Every check reads the job through the storage interface (JobStore), so one code path serves a
+local folder and a bucket. On S3 a chunk's metrics reach storage only with its commit (the worker
+uploads them from its scratch folder), so the steps a killed worker trained in vain are not there
+to count: the work-lost figures cover uploaded metrics only, and the table says so.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import io
 import os
 import random
 import shutil
@@ -35,12 +41,16 @@ import torch
 from segmodel.jobs import JobStatus, JobStore
 from segmodel import checkpoint
 from segmodel.layout import JobLayout
+from segmodel.storage import Storage
 from segmodel.spec import TrainSpec
 from segmodel.synthetic import generate
 from segmodel.engine import train_range
 from worker.app import EVAL_TASK, TRAIN_TASK, make_app
 from worker.registry import online
 from worker.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from s3server import s3_env, start_moto  # noqa: E402
 
 FAULTS = ("kill_worker", "kill_trainer", "term_worker", "preempt_kill", "redis_restart", "flushall", "scheduler_restart",
           "broker_pause", "trainer_stall", "disk_full", "duplicate", "stale", "corrupt_newest", "corrupt_older")
@@ -63,11 +73,11 @@ def wait_for(cond: Any, timeout: float, what: str) -> Any:
     raise TimeoutError(f"waiting for {what}")
 
 
-def folder_digest(root: Path) -> str:
+def job_digest(backend: Storage, job_id: str) -> str:
+    """Every object of the job, names and bytes (a folder's hidden lock files are not the job's)."""
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != ".lock":
-            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    for key in backend.list(f"jobs/{job_id}"):
+        h.update(key.encode() + backend.get(key))
     return h.hexdigest()
 
 
@@ -100,13 +110,25 @@ def _cmdline(pid: int) -> str:
 
 
 class Rig:
-    """The processes of one trial: redis-server, the scheduler, and the workers."""
+    """The processes of one trial: redis-server, the scheduler, and the workers; on `s3`, an S3
+    server (moto) too, and each worker with a cache folder of its own."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, storage: str) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.storage = root / "storage"
-        self.image = self._small_disk()
+        self.s3 = storage == "s3"
+        self.moto: subprocess.Popen[bytes] | None = None
+        s3: dict[str, str] = {}
+        if self.s3:
+            self.moto, endpoint = start_moto(root / "moto.log")
+            s3 = s3_env(endpoint, "chaos")
+            os.environ.update(s3)  # this process reads and faults the bucket too
+        self.storage: Path | str = "s3://chaos/relay" if self.s3 else root / "storage"
+        self.image = None if self.s3 else self._small_disk()
+        # Faults this rig cannot apply, and why: left out of the draw and named in the table.
+        self.skipped = {"disk_full": "storage is a bucket; a worker's full disk is tested in tests/test_cache_space.py"
+                        if self.s3 else "it needs root to mount a small filesystem for storage"} if self.image is None else {}
+        self.store = JobStore(self.storage)
         self.victim = ""  # the worker the last kill or preemption hit
         self.redis_port = free_port()
         self.api_port = free_port()
@@ -115,7 +137,7 @@ class Rig:
         self.env.update(RELAY_STORAGE=str(self.storage), RELAY_BROKER_URL=self.broker_url, PYTHONUNBUFFERED="1",
                         RELAY_API_URL=f"http://127.0.0.1:{self.api_port}", RELAY_LEASE_TTL_S="3",
                         RELAY_RECONCILE_INTERVAL_S="0.5", RELAY_RECONCILE_GRACE_S="3", RELAY_MAX_ATTEMPTS="20",
-                        RELAY_STALL_TIMEOUT_S="30")
+                        RELAY_STALL_TIMEOUT_S="30", **s3)
         self.redis: subprocess.Popen[bytes] | None = None
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -127,9 +149,10 @@ class Rig:
             self.start_worker()
         wait_for(lambda: len(online(self.storage)) >= WORKERS, 120, "workers online")
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")
-        return subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def start_redis(self) -> None:
         exe = shutil.which("redis-server")
@@ -147,7 +170,8 @@ class Rig:
     def start_worker(self) -> None:
         self.n_started += 1
         name = f"w{self.n_started}"
-        self.workers.append(self._spawn([sys.executable, "-m", "scheduler.cli", "worker", "--name", name], name))
+        own = {"RELAY_CACHE_DIR": str(self.root / f"cache-{name}")} if self.s3 else {}  # shares no folder
+        self.workers.append(self._spawn([sys.executable, "-m", "scheduler.cli", "worker", "--name", name], name, own))
 
     def between_trials(self, worker_env: dict[str, str]) -> None:
         """Reap what faults left (orphaned pool children of killed workers), restart the workers if
@@ -190,7 +214,7 @@ class Rig:
         return None
 
     def stop(self) -> None:
-        for p in [*self.workers, self.scheduler, self.redis]:
+        for p in [*self.workers, self.scheduler, self.redis, self.moto]:
             if p is not None and p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
@@ -236,8 +260,7 @@ class Trial:
 
 def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bool:
     """Apply one fault; False if it could not apply right now (e.g. no chunk running)."""
-    layout = JobLayout(rig.storage / "jobs" / job_id)
-    state = JobStore(rig.storage).state(job_id)
+    state = rig.store.state(job_id)
     if kind in ("kill_worker", *PREEMPTIONS):
         busy = {w["node"] for w in online(rig.storage) if w.get("job") == job_id}
         victims = [w for w in rig.live_workers() if w.args[-1] in busy]
@@ -263,6 +286,7 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
         if rig.image is None:
             return False
         st = os.statvfs(rig.storage)
+        assert isinstance(rig.storage, Path)
         ballast = rig.storage / ".ballast"
         # All but a few hundred kB (the filesystem's own metadata needs some room to allocate it).
         for spare in (256 << 10, 4 << 20, 64 << 20):
@@ -299,17 +323,30 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
             return False
         app.send_task(TRAIN_TASK, args=[job_id, state.chunk - 1], queue="cpu")
     elif kind in ("corrupt_newest", "corrupt_older"):
-        steps = layout.checkpoint_steps()
+        steps = checkpoint_steps(rig.store.backend, job_id)
         if len(steps) < (1 if kind == "corrupt_newest" else 2):
             return False
-        path = layout.checkpoint(steps[0] if kind == "corrupt_newest" else rng.choice(steps[1:]))
-        data = path.read_bytes()
+        key = f"jobs/{job_id}/checkpoints/step{steps[0] if kind == 'corrupt_newest' else rng.choice(steps[1:])}.pt"
+        data = rig.store.backend.get(key)
         if rng.random() < 0.5:
-            path.write_bytes(data[: len(data) // 2])  # truncated
+            rig.store.backend.put(key, data[: len(data) // 2])  # truncated
         else:
             i = rng.randrange(len(data))
-            path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])  # one flipped byte
+            rig.store.backend.put(key, data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])  # one flipped byte
     return True
+
+
+def checkpoint_steps(backend: Storage, job_id: str) -> list[int]:
+    """Steps with a chunk checkpoint object, newest first (validity not checked)."""
+    names = (k.rsplit("/", 1)[-1] for k in backend.list(f"jobs/{job_id}/checkpoints"))
+    return sorted((int(n[4:-3]) for n in names if n.startswith("step") and n.endswith(".pt") and n[4:-3].isdigit()),
+                  reverse=True)
+
+
+def commit_log(store: JobStore, job_id: str) -> list[dict[str, Any]]:
+    """The commit log in the order things happened: a folder's file is in that order already; a
+    bucket's objects come in name order, where a rewind sorts after the commit that followed it."""
+    return sorted(store.records(job_id, "commits"), key=lambda r: r.get("committed_at", r.get("at", 0.0)))
 
 
 def _killpg(pid: int) -> None:
@@ -319,19 +356,14 @@ def _killpg(pid: int) -> None:
         pass
 
 
-def retrained_by(layout: JobLayout, worker: str) -> int:
+def retrained_by(store: JobStore, job_id: str, worker: str) -> int:
     """Steps `worker` trained that no commit of its kept: work its preemption threw away."""
     kept = set()
-    for line in layout.commit_log.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in commit_log(store, job_id):
         if rec.get("worker") == worker:
             kept.update(range(rec["start_step"], rec["end_step"]))
     trained = set()
-    for line in layout.metrics_file.read_text().splitlines():
-        try:
-            m = json.loads(line)
-        except ValueError:
-            continue
+    for m in store.records(job_id, "metrics"):
         if m["worker"] == worker:
             trained.add(m["step"] - 1)  # a metrics line is written as step `step` ends: step index step-1
     return len(trained - kept)
@@ -339,16 +371,16 @@ def retrained_by(layout: JobLayout, worker: str) -> int:
 
 def check(rig: Rig, job_id: str, bystanders: dict[str, str], reference: dict[str, torch.Tensor], spec: TrainSpec, app: Any,
           trial: Trial) -> None:
-    store = JobStore(rig.storage)
+    store = rig.store
     state = store.state(job_id)
-    layout = store.layout(job_id)
     v = trial.violations
     if state.status != JobStatus.succeeded:
         v.append(f"job ended {state.status.value}: {state.reason}")
         return
     for e in range(1, spec.epochs + 1):
         try:
-            weights = checkpoint.load(layout.weight(e))
+            data, _ = store.backend.get_checked(f"jobs/{job_id}/weights/weight{e}.pt")
+            weights = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
             v.append(f"weight{e}.pt: {exc}")
             continue
@@ -362,12 +394,11 @@ def check(rig: Rig, job_id: str, bystanders: dict[str, str], reference: dict[str
         v.append(f"history leaves steps out: {ranges}")
     if state.step != state.total_steps or (ranges and ranges[-1][1] != state.total_steps):
         v.append(f"job ended at step {state.step}, history at {ranges[-1][1] if ranges else None}, of {state.total_steps}")
-    if not layout.report_file.is_file():
+    if store.read(job_id, "eval/report.json") is None:
         v.append("no evaluation report")
     # The commit log: consecutive chunks, except right after a recorded rewind; no overlap in time.
     expected, last_end = 0, 0.0
-    for line in layout.commit_log.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in commit_log(store, job_id):
         if "rewind_to_chunk" in rec:
             expected = rec["rewind_to_chunk"]
             continue
@@ -380,11 +411,7 @@ def check(rig: Rig, job_id: str, bystanders: dict[str, str], reference: dict[str
         v.append(f"commit log ends at chunk {expected}, job has {state.n_chunks}")
     # No two workers training at once: per (worker, chunk, attempt) step intervals must not overlap.
     spans: dict[tuple[str, int, int], list[float]] = {}
-    for line in layout.metrics_file.read_text().splitlines():
-        try:
-            m = json.loads(line)
-        except ValueError:
-            continue
+    for m in store.records(job_id, "metrics"):
         key = (m["worker"], m["chunk"], m["attempt"])
         lo, hi = m["time"] - m["step_s"], m["time"]
         span = spans.setdefault(key, [lo, hi])
@@ -396,14 +423,14 @@ def check(rig: Rig, job_id: str, bystanders: dict[str, str], reference: dict[str
         if ka[0] != kb[0] and b[0] < a[1] - 0.05:
             v.append(f"{ka[0]} and {kb[0]} trained at the same time (chunks {ka[1]}, {kb[1]})")
     # A message replayed after the end changes nothing; the bystander job was not touched.
-    before = layout.state_file.read_bytes()
+    before = store.read(job_id, "state.json")
     app.send_task(TRAIN_TASK, args=[job_id, 0], queue="cpu")
     app.send_task(EVAL_TASK, args=[job_id], queue="cpu")
     time.sleep(2)
-    if layout.state_file.read_bytes() != before:
+    if store.read(job_id, "state.json") != before:
         v.append("a replayed message changed the finished job")
     for other, digest in bystanders.items():
-        if folder_digest(store.layout(other).root) != digest:
+        if job_digest(store.backend, other) != digest:
             v.append(f"job {other}, not under test, was touched")
 
 
@@ -414,8 +441,8 @@ def run_trial(i: int, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tens
     trial = Trial()
     rig.between_trials({"RELAY_VISIBILITY_TIMEOUT_S": "1"} if short_visibility else {})
     app = make_app(Settings(storage=rig.storage, broker_url=rig.broker_url))
-    store = JobStore(rig.storage)
-    bystanders = {j: folder_digest(store.layout(j).root) for j in store.ids()}
+    store = rig.store
+    bystanders = {j: job_digest(store.backend, j) for j in store.ids()}
     t0 = time.time()
     client = httpx.Client(base_url=rig.env["RELAY_API_URL"], timeout=10)
     wait_for(lambda: _up(client), 60, "the scheduler")
@@ -435,14 +462,14 @@ def run_trial(i: int, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tens
                 trial.preempted.append((kind, rig.victim))
     wait_for(lambda: store.state(job_id).status.final, 300, f"trial {i}: the job to end (logs in {rig.root})")
     trial.seconds = time.time() - t0
-    commits = store.records(job_id, "commits")  # none if the job failed before its first commit
+    commits = commit_log(store, job_id)  # none if the job failed before its first commit
     done_at = store.state(job_id).updated_at
     for _, when in trial.faults:
         nxt = min((c["committed_at"] for c in commits if "committed_at" in c and c["committed_at"] > when), default=done_at)
         trial.recoveries.append(nxt - when)
     check(rig, job_id, bystanders, reference, spec, app, trial)
     for kind, worker in trial.preempted:
-        lost = retrained_by(store.layout(job_id), worker)
+        lost = retrained_by(store, job_id, worker)
         trial.retrained.append((kind, lost))
         if kind == "term_worker" and lost > 1:
             trial.violations.append(f"a graceful preemption of {worker} threw away {lost} steps (at most 1 allowed)")
@@ -463,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=3, help="faults per trial")
     parser.add_argument("--kinds", default=",".join(FAULTS), help="the fault kinds to draw from (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the trials' folders and logs")
+    parser.add_argument("--storage", choices=("local", "s3"), default="local",
+                        help="where jobs live: a local folder, or a bucket on an S3 server (moto) started for the run")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="relay-chaos-"))
@@ -472,15 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     train_range(spec, root / "reference", 0, spec.epochs * 4, cache_dir=root / "reference-cache")
     reference = checkpoint.load(JobLayout(root / "reference").weight(spec.epochs))
     trials = []
-    rig = Rig(root / "rig")
-    store = JobStore(rig.storage)
+    rig = Rig(root / "rig", args.storage)
+    store = rig.store
     paused, _ = store.create(spec)  # a job that must stay exactly as it is
     store.update(paused, lambda s: s.set_status(JobStatus.paused, "bystander"))
     try:
         run_all(args, rig, spec, reference, rng, trials)
     finally:
         rig.stop()
-    report(trials, spec)
+    report(trials, spec, args.storage, rig.skipped)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     else:
@@ -495,9 +524,10 @@ def run_all(args: argparse.Namespace, rig: Rig, spec: TrainSpec, reference: dict
     unknown = set(kinds_allowed) - set(FAULTS)
     if unknown:
         raise SystemExit(f"--kinds: unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULTS)}")
-    if rig.image is None and "disk_full" in kinds_allowed:
-        print("disk_full: not injected (it needs root to mount a small filesystem for storage)")
-        kinds_allowed.remove("disk_full")
+    for kind, why in rig.skipped.items():
+        if kind in kinds_allowed:
+            print(f"{kind}: not injected ({why})")
+            kinds_allowed.remove(kind)
     deck = list(kinds_allowed)
     rng.shuffle(deck)
     for i in range(args.trials):
@@ -516,19 +546,23 @@ def run_all(args: argparse.Namespace, rig: Rig, spec: TrainSpec, reference: dict
         trials.append(trial)
 
 
-def report(trials: list[Trial], spec: TrainSpec) -> None:
+def report(trials: list[Trial], spec: TrainSpec, storage: str, skipped: dict[str, str]) -> None:
     by_kind = Counter(k for t in trials for k, _ in t.faults)
     recoveries = [r for t in trials for r in t.recoveries]
     n_faults = sum(by_kind.values())
     violations = sum(len(t.violations) for t in trials)
     print("\nfault               injected")
     for kind in FAULTS:
-        print(f"{kind:<20}{by_kind.get(kind, 0):>8}")
-    print(f"\ntrials {len(trials)}, faults {n_faults}, jobs recovered {sum(not t.violations for t in trials)}/{len(trials)}")
+        print(f"{kind:<20}{by_kind.get(kind, 0):>8}" + (f"   not injected: {skipped[kind]}" if kind in skipped else ""))
+    print(f"\nstorage {'a bucket on an S3 server (moto), a cache folder per worker' if storage == 's3' else 'a local folder'}")
+    print(f"trials {len(trials)}, faults {n_faults}, jobs recovered {sum(not t.violations for t in trials)}/{len(trials)}")
     if recoveries:
         print(f"time to the next commit after a fault: median {statistics.median(recoveries):.1f} s, worst {max(recoveries):.1f} s")
     lost = sum(t.lost_steps for t in trials)
     print(f"work lost: {lost} steps retrained in all ({lost / max(n_faults, 1):.2f} per fault; a chunk is {spec.chunk_steps} steps)")
+    if storage == "s3":
+        print("  (uploaded metrics only: on S3 a chunk's metrics reach storage with its commit, so the steps a killed "
+              "worker trained in vain, and preemption losses below, are not counted)")
     for kind in PREEMPTIONS:
         lost = [n for t in trials for k, n in t.retrained if k == kind]
         if lost:

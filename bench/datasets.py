@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,22 +24,7 @@ from segmodel.datasets import fetch, open_remote_list, push, size_text  # noqa: 
 from segmodel.engine import train_range  # noqa: E402
 from segmodel.spec import ChunkPlan, TrainSpec  # noqa: E402
 from segmodel.synthetic import generate  # noqa: E402
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("moto did not start")
+from s3server import s3_env, start_moto  # noqa: E402
 
 
 def first_chunk(spec: TrainSpec, cache: Path, job_dir: Path) -> tuple[float, float, int]:
@@ -64,12 +47,8 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=40)
     args = ap.parse_args()
     proc, endpoint = start_moto()
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret",
-                      AWS_REGION="us-east-1")
     try:
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket="bench")
+        os.environ.update(s3_env(endpoint, "bench"))
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
             generate(tmp / "data", args.train, args.val)
