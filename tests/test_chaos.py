@@ -21,3 +21,13 @@ def test_short_chaos_profile(redis_url: str) -> None:  # redis_url: skip/fail li
                  "duplicate", "stale", "corrupt_newest", "corrupt_older"):
         line = next(x for x in run.stdout.splitlines() if x.startswith(kind))
         assert int(line.split()[-1]) >= 1, f"the short profile injected no {kind}"
+
+
+def test_chaos_on_object_storage(redis_url: str) -> None:
+    """Two trials against a bucket on moto: the S3 path of every check and fault stays alive."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--storage", "s3", "--trials", "2", "--seed", "5",
+                          "--faults", "3"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "storage a bucket on an S3 server (moto)" in run.stdout and "violated checks: 0" in run.stdout
+    assert "trials 2, " in run.stdout and "jobs recovered 2/2" in run.stdout
