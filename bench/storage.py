@@ -7,7 +7,8 @@ has its own cache folder and shares no folder with the other), then checkpoint s
   worker has the message, the lease and the trainer), and on to chunk k+1's first step beginning
   (the start checkpoint fetched, on S3, and loaded);
 - checkpoint save: the job's newest chunk checkpoint written with its checksum (`put_checked`),
-  and load: read, verified and `torch.load`ed (`get_checked`), repeated, medians.
+  and load: read, verified and `torch.load`ed (`get_checked`), repeated, medians; the same for the
+  frozen backbone's weights (`checkpoints/backbone.pt`, written once per job, read by every chunk).
 
     python bench/storage.py [--chunks 10] [--chunk-steps 2] [--repeats 10]
 
@@ -136,7 +137,7 @@ def main() -> None:
         procs.append(moto)
         os.environ.update(s3_env(endpoint, "bench"))
         time.sleep(0.5)
-        data = b""
+        data, backbone = b"", b""
         for label, storage in (("local", root / "storage"), ("s3", "s3://bench/relay")):
             store, job_id = run_job(label, root, storage, f"redis://127.0.0.1:{port}/{len(results)}", spec)
             started, stepping = hand_offs(store, job_id)
@@ -144,8 +145,11 @@ def main() -> None:
                 newest = max(int(k.rsplit("step", 1)[1][:-3]) for k in store.backend.list(f"jobs/{job_id}/checkpoints")
                              if k.rsplit("/", 1)[1].startswith("step") and k.endswith(".pt"))
                 data, _ = store.backend.get_checked(f"jobs/{job_id}/checkpoints/step{newest}.pt")
+                backbone, _ = store.backend.get_checked(f"jobs/{job_id}/checkpoints/backbone.pt")
             save, load = checkpoint_times(store.backend, "bench/checkpoint.pt", data, args.repeats)
-            results[label] = {"started": started, "stepping": stepping, "save": save, "load": load}
+            bb_save, bb_load = checkpoint_times(store.backend, "bench/backbone.pt", backbone, args.repeats)
+            results[label] = {"started": started, "stepping": stepping, "save": save, "load": load,
+                              "bb_save": bb_save, "bb_load": bb_load}
     finally:
         for p in procs:
             p.kill()
@@ -156,7 +160,9 @@ def main() -> None:
             ("commit -> next chunk's first step, median", statistics.median(local["stepping"]), statistics.median(s3["stepping"])),
             ("commit -> next chunk's first step, worst", max(local["stepping"]), max(s3["stepping"])),
             (f"checkpoint save ({len(data) / 2**20:.1f} MiB + checksum), median", local["save"], s3["save"]),
-            ("checkpoint load (read, verify, torch.load), median", local["load"], s3["load"])]
+            ("checkpoint load (read, verify, torch.load), median", local["load"], s3["load"]),
+            (f"backbone save ({len(backbone) / 2**20:.1f} MiB + checksum), median", local["bb_save"], s3["bb_save"]),
+            ("backbone load (read, verify, torch.load), median", local["bb_load"], s3["bb_load"])]
     print(f"{len(local['started'])} hand-offs per backend, {args.repeats} checkpoint saves and loads")
     print(f"{'':<54}{'local':>9}{'s3 (moto)':>11}{'s3/local':>10}")
     for name, a, b in rows:
