@@ -513,6 +513,7 @@
       h("div", {}, h("h3", {}, "Validation mean IoU"), el.valMiou),
       h("div", {}, h("h3", {}, "Validation pixel accuracy"), el.valAcc)));
     let validation = [];
+    let validationFinal = false; // fetched after the job ended: every validated epoch is in it
 
     root.replaceChildren(
       h("a", { class: "back", href: "#/" }, "← all jobs"),
@@ -595,9 +596,12 @@
           known = Math.max(known, m.step);
         }
       }
-      if (job.spec.val_every && !(complete && validation.length)) {
+      // An epoch's point is written before its chunk commits, so a fetch made once the job has
+      // ended holds them all; one made earlier may lack the last (scored after its final step).
+      if (job.spec.val_every && !(validationFinal && FINAL.has(job.state))) {
         validation = await api(`api/jobs/${encodeURIComponent(id)}/validation`);
         if (gen !== generation) return POLL_IDLE_MS;
+        validationFinal = FINAL.has(job.state);
       }
       committed = job.progress.step;
       if (job.has_report && (!report || report._for !== job.updated_at)) {
