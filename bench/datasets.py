@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segmodel.data import read_list  # noqa: E402
+from segmodel.lists import read_list# noqa: E402
 from segmodel.datasets import fetch, open_remote_list, push, size_text  # noqa: E402
 from segmodel.engine import train_range  # noqa: E402
 from segmodel.spec import ChunkPlan, TrainSpec  # noqa: E402

@@ -122,7 +122,7 @@ def run_fast(list_file: str, steps: int, work: Path, device: str) -> dict[str, A
     import torch
 
     from segmodel import cache as caches
-    from segmodel.data import read_list
+    from segmodel.lists import read_list
     from segmodel.fasttrain import train_steps_fast
     from segmodel.spec import ChunkPlan, TrainSpec
     from segmodel.layout import JobLayout

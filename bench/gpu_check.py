@@ -80,7 +80,7 @@ except ModuleNotFoundError:
 import torch  # noqa: E402
 
 from segmodel import checkpoint  # noqa: E402
-from segmodel.data import read_list  # noqa: E402
+from segmodel.lists import read_list# noqa: E402
 from segmodel.engine import train_range  # noqa: E402
 from segmodel.layout import JobLayout  # noqa: E402
 from segmodel.spec import ChunkPlan, TrainSpec  # noqa: E402

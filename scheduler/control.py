@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from worker.broker import QUEUES, Broker
 from scheduler.health import BrokerDown, BrokerGuard, health
 from segmodel.jobs import JobNotFound, JobState, JobStatus, JobStore
-from segmodel.data import read_list
+from segmodel.lists import read_list
 from segmodel.datasets import is_remote, open_remote_list, sample_count
 from segmodel.errors import DataError, InitWeightsError, show_path
 from segmodel.initweights import read_init_weights

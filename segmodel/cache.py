@@ -57,7 +57,8 @@ import PIL
 import torch
 from torch import nn
 
-from segmodel.data import Sample, load_sample, read_list, to_tensors
+from segmodel.data import load_sample, to_tensors
+from segmodel.lists import Sample, read_list
 from segmodel.errors import CacheSpaceError, DataError, show_path
 
 DATA_FORMAT = 2  # bump when load_sample's output for the same file could change

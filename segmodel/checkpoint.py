@@ -1,12 +1,17 @@
-"""Checkpoints on storage: written to a temporary name and renamed, verified by checksum on load."""
+"""Checkpoints on storage: written to a temporary name and renamed, verified by checksum on load.
+
+torch is imported only where a checkpoint is serialized or loaded: the worker and scheduler
+processes verify, list and remove checkpoints without it (only trainers load them).
+"""
 from __future__ import annotations
 
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from segmodel.errors import CheckpointError
 from segmodel.storage import atomic_write_bytes  # noqa: F401  (the one temp-and-rename writer; imported from here too)
@@ -17,6 +22,8 @@ def _sidecar(path: Path) -> Path:
 
 
 def to_bytes(obj: Any) -> bytes:
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -64,6 +71,8 @@ def _verified(path: Path) -> tuple[bytes, str]:
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """Verify, then load with weights_only=True: a checkpoint can never run code."""
+    import torch
+
     data = verified_bytes(path)
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)

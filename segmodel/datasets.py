@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from segmodel.data import Sample, parse_list, read_list
+from segmodel.lists import Sample, parse_list, read_list
 from segmodel.errors import DataError
 from segmodel.storage import ObjectNotFound, Storage, atomic_write_bytes, open_storage
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from segmodel import fasttrain, train
 from segmodel.cache import Progress
-from segmodel.data import read_list
+from segmodel.lists import read_list
 from segmodel.layout import JobLayout
 from segmodel.spec import ChunkPlan, TrainSpec
 

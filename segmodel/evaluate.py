@@ -23,7 +23,8 @@ from segmodel import cache as caches
 from segmodel import checkpoint
 from segmodel.checkpoint import atomic_write_bytes
 from segmodel.classes import class_names
-from segmodel.data import load_sample, read_list, to_tensors
+from segmodel.data import load_sample, to_tensors
+from segmodel.lists import read_list
 from segmodel.fastloss import _pool, single_threaded
 from segmodel.layout import JobLayout
 from segmodel.metrics import ConfusionMatrix, summarize

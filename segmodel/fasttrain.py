@@ -29,7 +29,7 @@ import torch
 
 from segmodel import cache as caches
 from segmodel import determinism
-from segmodel.data import read_list
+from segmodel.lists import read_list
 from segmodel.fastloss import head_cross_entropy, single_threaded, upsample_cross_entropy
 from segmodel.spec import TrainSpec
 from segmodel.train import ChunkResult, StopCheck, _batches, _begin, _run_steps, pick_device

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from segmodel import checkpoint, determinism
-from segmodel.data import SegmentationDataset, epoch_order, read_list
+from segmodel.data import SegmentationDataset, epoch_order
+from segmodel.lists import read_list
 from segmodel.errors import CheckpointError, TrainingError
 from segmodel.layout import JobLayout
 from segmodel.model import SegmentationNN, build_model

@@ -15,9 +15,9 @@ from segmodel.data import (
     check_dataset,
     epoch_order,
     load_sample,
-    read_list,
 )
 from segmodel.errors import DataError
+from segmodel.lists import read_list
 from segmodel.synthetic import generate
 
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from conftest import tiny_spec
 from scheduler.api import make_api
 from segmodel import datasets
-from segmodel.data import read_list
+from segmodel.lists import read_list
 from segmodel.datasets import MANIFEST, Manifest, fetch, open_remote_list, push
 from segmodel.errors import DataError
 from segmodel.storage import ObjectStorage, StorageError, open_storage

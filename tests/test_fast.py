@@ -17,7 +17,8 @@ from PIL import Image
 import segmodel.fastloss as fastloss
 from segmodel import cache as caches
 from segmodel import checkpoint
-from segmodel.data import SegmentationDataset, read_list
+from segmodel.data import SegmentationDataset
+from segmodel.lists import read_list
 from segmodel.errors import DataError
 from segmodel.fasttrain import train_steps_fast
 from worker.trainer_env import choose_threads, worker_env

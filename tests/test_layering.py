@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,3 +21,13 @@ def test_nothing_imports_upwards(package: str) -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in BELOW[package]]
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("modules", ["worker.tasks", "scheduler.cli"])
+def test_workers_and_the_cli_import_no_torch(modules: str) -> None:
+    """The Celery worker process (leases, commits, hand-offs) and the CLI start without torch,
+    numpy or PIL: only trainer processes train, and the scheduler loads weights only to check them."""
+    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"importing {modules} loads {out.stdout.strip()}"

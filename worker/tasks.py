@@ -25,13 +25,12 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from worker.broker import Broker
 from segmodel.jobs import ENDED, ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
-from segmodel.data import read_list
+from segmodel.lists import read_list
 from segmodel.errors import DataError
 from segmodel.storage import StorageError
 from worker.datasets import localize
 from worker.trainer_env import worker_env
 from segmodel.spec import ChunkPlan, TrainSpec
-from segmodel.storage import StorageError
 from worker.app import EVAL_TASK, TRAIN_TASK, make_app
 from worker.jobfiles import JobFiles
 from worker.lifetime import stop_requested

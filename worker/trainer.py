@@ -169,7 +169,7 @@ def _serve() -> None:
     """The subprocess side: import torch once, then answer requests until stdin closes."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from segmodel.data import read_list
+    from segmodel.lists import read_list
     from segmodel.evaluate import evaluate
     from segmodel.spec import ChunkPlan, TrainSpec
     from segmodel.engine import train_range
