@@ -218,16 +218,8 @@ def make_api(settings: Settings, control: Control | None = None) -> FastAPI:
         """The validation curve (spec.val_every): mIoU and pixel accuracy per validated epoch; an
         epoch trained twice (a retried chunk) appears once, the latest."""
         job_id = resolved(job_id)
-        layout = found(lambda: control.store.layout(job_id))
         found(lambda: control.store.state(job_id))
-        by_epoch: dict[int, dict[str, Any]] = {}
-        if layout.validation_file.is_file():
-            for line in layout.validation_file.read_text().splitlines():
-                try:
-                    v = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a killed trainer
-                by_epoch[v["epoch"]] = v
+        by_epoch = {v["epoch"]: v for v in control.store.records(job_id, "validation")}
         return [by_epoch[k] for k in sorted(by_epoch)]
 
     @api.get("/api/jobs/{job_id}/metrics")

@@ -326,8 +326,8 @@ class JobStore:
             self.backend.put(self._key(job_id, f"commits/{name}.json"), json.dumps(record).encode())
 
     def records(self, job_id: str, log: str) -> list[dict[str, Any]]:
-        """The records of "commits" or "metrics": the .jsonl file in a folder, plus the objects under
-        <log>/ (one per commit, or per chunk's metrics), in name order."""
+        """The records of "commits", "metrics" or "validation": the .jsonl file in a folder, plus the
+        objects under <log>/ (one per commit, or per chunk's metrics or validation), in name order."""
         lines: list[str] = []
         whole = self.read(job_id, f"{log}.jsonl")
         if whole is not None:

@@ -49,11 +49,11 @@ class BucketRig:
         except (httpx.TransportError, ValueError):
             return None
 
-    def run(self, train: str, val: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    def run(self, train: str, val: str, seed: int, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Submit the tiny job on these lists; (the submission, the job once it ended)."""
         out = json.loads(self.procs.relay("submit", "--train", train, "--val", val, "--epochs", "3", "--seed", str(seed),
                                           "--batch-size", "4", "--height", "64", "--width", "64", "--chunk-steps", "3",
-                                          "--no-pretrained", "--json").stdout)
+                                          "--no-pretrained", "--json", *extra).stdout)
         job = wait_for(lambda: (j := self.get(f"/api/jobs/{out['id']}")) and j["state"] in ("succeeded", "failed") and j, 300,
                        f"the job to end (logs: {self.procs.tmp})")
         assert job["state"] == "succeeded", job
@@ -66,7 +66,7 @@ def test_job_on_object_storage(procs: Procs, s3_endpoint: str, s3_bucket: str, t
     rig = BucketRig(procs, s3_endpoint, url, tls_broker, tmp_path)
     api, get, scratch = rig.start(), rig.get, rig.scratch
     spec = tiny_spec(tiny_data)
-    job_id = rig.run(spec.train, spec.val, spec.seed)[0]["id"]
+    job_id = rig.run(spec.train, spec.val, spec.seed, "--val-every", "1")[0]["id"]
 
     # Everything is in the bucket, nothing in a shared folder: the weights come back through the API.
     weights = httpx.get(f"{api}/api/jobs/{job_id}/weights", timeout=30)
@@ -81,6 +81,8 @@ def test_job_on_object_storage(procs: Procs, s3_endpoint: str, s3_bucket: str, t
     commits = [k.rsplit("/", 1)[-1].split(".")[0] for k in keys if k.startswith(f"jobs/{job_id}/commits/")]
     assert commits == ["c00000", "c00001", "c00002", "c00003"]  # each chunk committed once
     assert [m["step"] for m in get(f"/api/jobs/{job_id}/metrics")] == list(range(1, 13))
+    # Epochs 1-3 end in chunks 1-3 (steps 4, 8, 12): each chunk's validation points are kept.
+    assert [(v["epoch"], v["step"]) for v in get(f"/api/jobs/{job_id}/validation")] == [(1, 4), (2, 8), (3, 12)]
     assert 0.0 <= get(f"/api/jobs/{job_id}/report")["mean_iou"] <= 1.0
     # The scratch copies are gone: the workers kept only their caches.
     for folder in scratch.values():

@@ -46,16 +46,23 @@ class JobFiles:
         self._since = time.time() - 1  # mtimes can trail the clock by a tick
         if self.mirrored:
             self.layout.root.mkdir(parents=True, exist_ok=True)
-            self.layout.metrics_file.unlink(missing_ok=True)
+            for log in self._logs():
+                log.unlink(missing_ok=True)
 
-    def push(self, metrics_name: str) -> None:
-        """Upload what the trainer wrote: its metrics as one object, then every new file, checkpoints last."""
+    def _logs(self) -> dict[Path, str]:
+        """The logs a trainer appends to, each uploaded as one object per chunk under its folder."""
+        return {self.layout.metrics_file: "metrics", self.layout.validation_file: "validation"}
+
+    def push(self, name: str) -> None:
+        """Upload what the trainer wrote: its logs as one object each (`<log>/<name>.jsonl`), then
+        every new file, checkpoints last."""
         if not self.mirrored:
             return
         backend = self.store.backend
-        if self.layout.metrics_file.is_file():
-            backend.upload(self.layout.metrics_file, self._key(f"metrics/{metrics_name}.jsonl"))
-            self.layout.metrics_file.unlink()
+        for log, folder in self._logs().items():
+            if log.is_file():
+                backend.upload(log, self._key(f"{folder}/{name}.jsonl"))
+                log.unlink()
         new = [p for p in self.layout.root.rglob("*") if p.is_file() and not p.name.startswith(".")
                and p.stat().st_mtime >= self._since and p not in self._pulled]
         # Checksums after their objects, and the chunk's checkpoint after everything it stands for.
