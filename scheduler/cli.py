@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from pydantic import ValidationError
@@ -39,7 +39,7 @@ EXIT_CODES = """Exit codes:
   7  the job is paused (watch, run)"""
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"relay: {message}", err=True)
     sys.exit(code)
 
@@ -145,13 +145,32 @@ def _spec(kw: dict[str, Any]) -> TrainSpec:
     try:
         return TrainSpec(**fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
-        _fail(f"invalid job spec: {problems}", EXIT_BAD_INPUT)
-        raise
+        _fail(f"invalid job spec: {_problems(exc)}", EXIT_BAD_INPUT)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """pydantic's errors on one line, each naming its field (with `prefix`: the variable to set)."""
+    def one(e: Any) -> str:
+        message = e["msg"].removeprefix("Value error, ")
+        field = ".".join(map(str, e["loc"]))
+        return f"{prefix + field.upper() if prefix else field}: {message}" if field else message
+
+    return "; ".join(one(e) for e in exc.errors())
+
+
+class _Relay(click.Group):
+    """Bad RELAY_* settings end any command with one line naming them, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:
+            if exc.title != Settings.__name__:
+                raise
+            _fail(f"bad settings: {_problems(exc, prefix='RELAY_')}", EXIT_BAD_INPUT)
+
+
+@click.group(cls=_Relay, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="relay", prog_name="relay")
 def main() -> None:
     """Relay: chunked training on a job queue. Submit a job; any worker trains its next chunk."""
@@ -471,6 +490,11 @@ def run(workers: int, log_every: float, attach: str | None, detach: bool, **kw: 
     from segmodel.jobs import JobNotFound
     from scheduler.reconciler import Reconciler
 
+    storage = os.environ.get("RELAY_STORAGE", "")
+    if is_remote(storage):
+        _fail(f"relay run trains on the embedded default, whose queue lives in the storage folder, so it needs a local "
+              f"RELAY_STORAGE (got {storage}); with a bucket, start `relay scheduler` and `relay worker` "
+              f"with RELAY_BROKER_URL, then `relay submit` and `relay watch`", EXIT_BAD_INPUT)
     settings = Settings().model_copy(update={"broker_url": None})
     control = Control(settings)
     if attach is None:
@@ -509,11 +533,13 @@ def run(workers: int, log_every: float, attach: str | None, detach: bool, **kw: 
         click.echo(f"job {job_id} {left} at step {job['progress']['step']}/{job['progress']['total_steps']}; "
                    f"continue with: relay run --attach {job_id}   (or, with a scheduler: relay resume {job_id} --wait)")
         sys.exit(EXIT_PAUSED)
-    layout = control.store.layout(job_id)
     if job["state"] != "succeeded":
         _fail(f"job {job_id} {job['state']}: {job['reason'] or job['last_error']}", EXIT_FAILED)
-    print_report(json.loads(layout.report_file.read_text()))
-    click.echo(f"final weights: {layout.weight(spec.epochs)}")
+    report = control.store.read(job_id, "eval/report.json")
+    if report is None:
+        _fail(f"job {job_id} succeeded but its report {control.store.where(job_id, 'eval/report.json')} cannot be read", EXIT_INFRA)
+    print_report(json.loads(report))
+    click.echo(f"final weights: {control.store.where(job_id, f'weights/weight{spec.epochs}.pt')}")
     click.echo(f"job {job_id} succeeded in {time.time() - job['created_at']:.0f} s")
 
 

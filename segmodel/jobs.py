@@ -304,6 +304,10 @@ class JobStore:
         except (ObjectNotFound, KeyRefused):
             return None
 
+    def where(self, job_id: str, name: str) -> str:
+        """Where a job's file is, for people: a path in a folder, a URL in a bucket."""
+        return f"{self.backend.url}/{self._key(job_id, name)}"
+
     def checkpoint_digest(self, job_id: str, step: int) -> str | None:
         """The sha256 of the step's checkpoint if it is complete and verifies, else None."""
         try:

@@ -152,8 +152,9 @@ class Procs:
         wait_for(up, 60, "the scheduler's /healthz")
         return api
 
-    def relay(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "scheduler.cli", *args], env=self.env, capture_output=True,
+    def relay(self, *args: str, check: bool = True, timeout: float = 120,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "scheduler.cli", *args], env={**self.env, **(env or {})}, capture_output=True,
                                 text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"relay {' '.join(args)} exited {result.returncode}: {result.stderr}")

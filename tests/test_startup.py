@@ -52,3 +52,19 @@ def test_access_log_on_request(procs: Procs) -> None:
         return "GET /api/queue" in procs.log("scheduler")
 
     wait_for(logged, 60, "an access line in the scheduler's log")
+
+
+@pytest.mark.parametrize(("env", "args", "expected"), [
+    ({"RELAY_PORT": "eighty"}, ["status"], "relay: bad settings: RELAY_PORT: Input should be a valid integer"),
+    ({"RELAY_LEASE_TTL_S": "0", "RELAY_MAX_ATTEMPTS": "x"}, ["worker"],
+     "relay: bad settings: RELAY_LEASE_TTL_S: Input should be greater than 0; RELAY_MAX_ATTEMPTS: Input should be a valid integer"),
+    ({"RELAY_STORAGE": "s3://bucket/relay"}, ["worker"], "relay: bad settings: RELAY_STORAGE=s3://bucket/relay needs RELAY_BROKER_URL"),
+    ({"RELAY_STORAGE": "s3://bucket/relay", "RELAY_BROKER_URL": "redis://127.0.0.1:1/0"}, ["run", "--train", "a.txt", "--val", "b.txt"],
+     "relay: relay run trains on the embedded default, whose queue lives in the storage folder, so it needs a local "
+     "RELAY_STORAGE (got s3://bucket/relay)"),
+])
+def test_bad_settings_name_the_variable(procs: Procs, env: dict[str, str], args: list[str], expected: str) -> None:
+    r = procs.relay(*args, check=False, env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(expected), r.stderr
+    assert "Traceback" not in r.stderr
