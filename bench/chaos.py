@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -250,7 +251,7 @@ def _ping(client: Any) -> bool:
 @dataclass
 class Trial:
     faults: list[tuple[str, float]] = field(default_factory=list)   # (kind, when)
-    preempted: list[tuple[str, str]] = field(default_factory=list)  # (kind, worker) of each preemption
+    preempted: list[tuple[str, str, float]] = field(default_factory=list)  # (kind, worker, when) of each preemption
     retrained: list[tuple[str, int]] = field(default_factory=list)  # (kind, steps the preempted worker trained in vain)
     recoveries: list[float] = field(default_factory=list)
     lost_steps: int = 0
@@ -356,16 +357,22 @@ def _killpg(pid: int) -> None:
         pass
 
 
-def retrained_by(store: JobStore, job_id: str, worker: str) -> int:
-    """Steps `worker` trained that no commit of its kept: work its preemption threw away."""
+def retrained_by(store: JobStore, job_id: str, worker: str, when: float) -> int:
+    """Steps `worker` trained in the attempt it was running when preempted at `when` (the job's
+    events say which: "chunk K attempt A on W") that no commit of its kept: work its preemption
+    threw away. Steps an earlier fault on the same worker cost (a killed trainer) are not counted."""
+    started = [(e.at, m.groups()) for e in store.state(job_id).events
+               if e.at <= when and (m := re.fullmatch(r"chunk (\d+) attempt (\d+) on (\S+)", e.what)) and m[3] == worker]
+    if not started:
+        return 0  # between chunks: nothing in hand
+    chunk, attempt, _ = max(started)[1]
     kept = set()
     for rec in commit_log(store, job_id):
         if rec.get("worker") == worker:
             kept.update(range(rec["start_step"], rec["end_step"]))
-    trained = set()
-    for m in store.records(job_id, "metrics"):
-        if m["worker"] == worker:
-            trained.add(m["step"] - 1)  # a metrics line is written as step `step` ends: step index step-1
+    # a metrics line is written as step `step` ends: step index step-1
+    trained = {m["step"] - 1 for m in store.records(job_id, "metrics")
+               if m["worker"] == worker and (m["chunk"], m["attempt"]) == (int(chunk), int(attempt))}
     return len(trained - kept)
 
 
@@ -459,7 +466,7 @@ def run_trial(i: int, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tens
         else:
             trial.faults.append((kind, time.time()))
             if kind in PREEMPTIONS:
-                trial.preempted.append((kind, rig.victim))
+                trial.preempted.append((kind, rig.victim, trial.faults[-1][1]))
     wait_for(lambda: store.state(job_id).status.final, 300, f"trial {i}: the job to end (logs in {rig.root})")
     trial.seconds = time.time() - t0
     commits = commit_log(store, job_id)  # none if the job failed before its first commit
@@ -468,8 +475,8 @@ def run_trial(i: int, rig: Rig, spec: TrainSpec, reference: dict[str, torch.Tens
         nxt = min((c["committed_at"] for c in commits if "committed_at" in c and c["committed_at"] > when), default=done_at)
         trial.recoveries.append(nxt - when)
     check(rig, job_id, bystanders, reference, spec, app, trial)
-    for kind, worker in trial.preempted:
-        lost = retrained_by(store, job_id, worker)
+    for kind, worker, when in trial.preempted:
+        lost = retrained_by(store, job_id, worker, when)
         trial.retrained.append((kind, lost))
         if kind == "term_worker" and lost > 1:
             trial.violations.append(f"a graceful preemption of {worker} threw away {lost} steps (at most 1 allowed)")

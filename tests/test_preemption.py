@@ -19,6 +19,7 @@ from segmodel.jobs import JobStatus
 from test_protocol import rig  # noqa: F401  (the fixture)
 from worker import tasks
 from worker.lifetime import Lifetime, parse_duration, stop_note
+from worker.trainer import STOP, TrainerFailed, TrainerProcess
 
 
 def _stop_after(n: int) -> Any:
@@ -108,3 +109,17 @@ def test_a_stop_note_ends_the_chunk_as_a_signal(rig: Any) -> None:  # noqa: F811
     assert (record.ended, record.end_step) == ("signal", 1)
     life.install()  # a new life of the node forgets the note
     assert not life.note.exists()
+
+
+def test_a_stop_request_while_the_trainer_starts_does_not_kill_it() -> None:
+    """SIGTERM to a worker right after its trainer (re)started: the stop requests (SIGUSR1, repeated
+    every tick) reach a process still importing torch. They must wait for its handler, not kill it
+    (which would cost the chunk an attempt)."""
+    trainer = TrainerProcess()
+    request = {"op": "evaluate", "spec": {"train": "x"}, "job_dir": "/nonexistent", "weights": "/nonexistent"}
+    try:
+        with pytest.raises(TrainerFailed) as failed:  # its reply: the request is invalid, it was answered
+            trainer.run(request, lambda: STOP, tick_s=0.005)
+        assert failed.value.kind == "ValidationError"
+    finally:
+        trainer.kill()

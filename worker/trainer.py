@@ -56,9 +56,14 @@ class Cancelled(RuntimeError):
 GO, STOP, KILL = "go", "stop", "kill"
 
 
-def _die_with_parent() -> None:
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _in_child() -> None:
+    """Before the trainer's exec: it dies with the worker, and a stop request (SIGUSR1) that comes
+    before it has installed its handler is ignored (an ignored signal stays ignored across exec),
+    not fatal; the worker repeats the request every tick until the chunk stops."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class TrainerProcess:
@@ -85,7 +90,7 @@ class TrainerProcess:
             stdout=subprocess.PIPE,
             env=self.env,
             start_new_session=True,  # its own process group: killing it takes its DataLoader workers too
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_in_child,
         )
 
     @property
@@ -202,8 +207,11 @@ def _serve() -> None:
 
     # Seconds to sleep after each step: a slower machine, for tests and demos of time budgets.
     throttle_s = float(os.environ.get("RELAY_THROTTLE_STEP_S", "0") or 0)
+    # Until now SIGUSR1 was ignored (see _in_child). Its handler only sets a flag, read between
+    # steps; with SA_RESTART no system call in torch's C code sees EINTR because of it.
     told_to_stop = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: told_to_stop.set())
+    signal.siginterrupt(signal.SIGUSR1, False)
     for line in sys.stdin.buffer:
         request = json.loads(line)
         told_to_stop.clear()  # a stop meant for an earlier request; the worker repeats its own
