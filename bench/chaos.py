@@ -17,6 +17,7 @@ to count: the work-lost figures cover uploaded metrics only, and the table says 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import os
@@ -42,7 +43,7 @@ import torch
 from segmodel.jobs import JobStatus, JobStore
 from segmodel import checkpoint
 from segmodel.layout import JobLayout
-from segmodel.storage import Storage
+from segmodel.storage import ObjectNotFound, Storage
 from segmodel.spec import TrainSpec
 from segmodel.synthetic import generate
 from segmodel.engine import train_range
@@ -328,12 +329,17 @@ def inject(kind: str, rig: Rig, job_id: str, app: Any, rng: random.Random) -> bo
         if len(steps) < (1 if kind == "corrupt_newest" else 2):
             return False
         key = f"jobs/{job_id}/checkpoints/step{steps[0] if kind == 'corrupt_newest' else rng.choice(steps[1:])}.pt"
-        data = rig.store.backend.get(key)
-        if rng.random() < 0.5:
-            rig.store.backend.put(key, data[: len(data) // 2])  # truncated
-        else:
-            i = rng.randrange(len(data))
-            rig.store.backend.put(key, data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])  # one flipped byte
+        try:
+            data = rig.store.backend.get(key)
+            if rng.random() < 0.5:
+                rig.store.backend.put(key, data[: len(data) // 2])  # truncated
+            else:
+                i = rng.randrange(len(data))
+                rig.store.backend.put(key, data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])  # one flipped byte
+        except OSError as exc:  # pruned meanwhile (retention), or a disk_full fault still holds the disk
+            if isinstance(exc, ObjectNotFound) or exc.errno == errno.ENOSPC:
+                return False
+            raise
     return True
 
 
