@@ -364,21 +364,28 @@ def _killpg(pid: int) -> None:
 
 
 def retrained_by(store: JobStore, job_id: str, worker: str, when: float) -> int:
-    """Steps `worker` trained in the attempt it was running when preempted at `when` (the job's
-    events say which: "chunk K attempt A on W") that no commit of its kept: work its preemption
-    threw away. Steps an earlier fault on the same worker cost (a killed trainer) are not counted."""
-    started = [(e.at, m.groups()) for e in store.state(job_id).events
-               if e.at <= when and (m := re.fullmatch(r"chunk (\d+) attempt (\d+) on (\S+)", e.what)) and m[3] == worker]
-    if not started:
-        return 0  # between chunks: nothing in hand
-    chunk, attempt, _ = max(started)[1]
+    """Steps `worker` trained in the attempt it had in hand when preempted at `when` that no commit
+    of its kept: work its preemption threw away. The job's events say which attempt: the last
+    "chunk K attempt A on W" before `when`, unless a failure or a commit of chunk K ended it
+    before `when` (the registry can show a worker busy for a moment after that). Steps that other
+    faults on the same worker cost are not counted."""
+    in_hand: tuple[int, int] | None = None
+    for e in store.state(job_id).events:
+        if e.at > when:
+            break
+        if (m := re.fullmatch(r"chunk (\d+) attempt (\d+) on (\S+)", e.what)) and m[3] == worker:
+            in_hand = (int(m[1]), int(m[2]))
+        elif in_hand and re.match(rf"retryable failure: chunk {in_hand[0]}:|enqueued .*: chunk {in_hand[0]} committed by ", e.what):
+            in_hand = None
+    if in_hand is None:
+        return 0
     kept = set()
     for rec in commit_log(store, job_id):
         if rec.get("worker") == worker:
             kept.update(range(rec["start_step"], rec["end_step"]))
     # a metrics line is written as step `step` ends: step index step-1
     trained = {m["step"] - 1 for m in store.records(job_id, "metrics")
-               if m["worker"] == worker and (m["chunk"], m["attempt"]) == (int(chunk), int(attempt))}
+               if m["worker"] == worker and (m["chunk"], m["attempt"]) == in_hand}
     return len(trained - kept)
 
 
