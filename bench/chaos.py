@@ -368,17 +368,19 @@ def retrained_by(store: JobStore, job_id: str, worker: str, when: float) -> int:
     of its kept: work its preemption threw away. The job's events say which attempt: the last
     "chunk K attempt A on W" before `when`, unless a failure or a commit of chunk K ended it
     before `when` (the registry can show a worker busy for a moment after that). Steps that other
-    faults on the same worker cost are not counted."""
+    faults on the same worker cost (a killed or hung trainer) are not counted."""
+    events = store.state(job_id).events
     in_hand: tuple[int, int] | None = None
-    for e in store.state(job_id).events:
-        if e.at > when:
-            break
+    for e in (e for e in events if e.at <= when):
         if (m := re.fullmatch(r"chunk (\d+) attempt (\d+) on (\S+)", e.what)) and m[3] == worker:
             in_hand = (int(m[1]), int(m[2]))
-        elif in_hand and re.match(rf"retryable failure: chunk {in_hand[0]}:|enqueued .*: chunk {in_hand[0]} committed by ", e.what):
+        elif in_hand and _ends_attempt(e.what, in_hand[0]):
             in_hand = None
     if in_hand is None:
         return 0
+    ended = next((e.what for e in events if e.at > when and _ends_attempt(e.what, in_hand[0])), "")
+    if re.search(r"trainer reported no progress|trainer process killed", ended):
+        return 0  # a trainer_stall or kill_trainer fault took this attempt: no stop could be graceful
     kept = set()
     for rec in commit_log(store, job_id):
         if rec.get("worker") == worker:
@@ -387,6 +389,10 @@ def retrained_by(store: JobStore, job_id: str, worker: str, when: float) -> int:
     trained = {m["step"] - 1 for m in store.records(job_id, "metrics")
                if m["worker"] == worker and (m["chunk"], m["attempt"]) == in_hand}
     return len(trained - kept)
+
+
+def _ends_attempt(what: str, chunk: int) -> bool:
+    return re.match(rf"retryable failure: chunk {chunk}:|enqueued .*: chunk {chunk} committed by ", what) is not None
 
 
 def check(rig: Rig, job_id: str, bystanders: dict[str, str], reference: dict[str, torch.Tensor], spec: TrainSpec, app: Any,
