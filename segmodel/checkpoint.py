@@ -5,8 +5,10 @@ processes verify, list and remove checkpoints without it (only trainers load the
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,12 @@ if TYPE_CHECKING:
 
 from segmodel.errors import CheckpointError
 from segmodel.storage import atomic_write_bytes  # noqa: F401  (the one temp-and-rename writer; imported from here too)
+
+# A full or failing disk is often trouble of a moment (another writer's temporaries, a volume being
+# grown): a chunk's checkpoint is worth seconds of waiting before the chunk fails and its steps are
+# trained again elsewhere. Other errors (a read-only or missing folder) fail at once.
+TRANSIENT = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0)
 
 
 def _sidecar(path: Path) -> Path:
@@ -31,15 +39,28 @@ def to_bytes(obj: Any) -> bytes:
 
 def save(obj: Any, path: Path) -> str:
     """torch.save obj to path atomically; the sha256 goes to a sidecar written after the file.
+    A full disk is waited out for a few seconds (RETRY_DELAYS_S), then the error is raised.
 
     A crash between the two leaves a file without a checksum, which counts as absent, so a
     checkpoint is only ever used once it is complete and verified.
     """
     data = to_bytes(obj)
     digest = hashlib.sha256(data).hexdigest()
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(_sidecar(path), f"{digest}  {path.name}\n".encode())
+    _write(path, data)
+    _write(_sidecar(path), f"{digest}  {path.name}\n".encode())
     return digest
+
+
+def _write(path: Path, data: bytes) -> None:
+    """atomic_write_bytes, tried again after transient disk errors (RETRY_DELAYS_S)."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            atomic_write_bytes(path, data)
+            return
+        except OSError as exc:
+            if delay is None or exc.errno not in TRANSIENT:
+                raise
+            time.sleep(delay)
 
 
 def verified_bytes(path: Path) -> bytes:

@@ -1,6 +1,7 @@
 """Outages during a chunk: a broker that stops answering, a trainer that hangs, an abandoned request."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -101,3 +102,36 @@ def test_a_hung_trainer_is_recorded_and_its_chunk_retried(procs: Procs, redis_se
     assert_equal_weights(cluster.final_weights(job_id), reference)
     assert JobLayout(cluster.storage / "jobs" / job_id).weight(3).is_file()
     checkpoint.load(JobLayout(cluster.storage / "jobs" / job_id).weight(3))
+
+
+def _flaky_disk(monkeypatch: pytest.MonkeyPatch, failures: int, code: int) -> list[Path]:
+    """checkpoint writes fail `failures` times with `code`, then reach the disk; returns the attempts."""
+    attempts: list[Path] = []
+    real = checkpoint.atomic_write_bytes
+
+    def write(path: Path, data: bytes) -> None:
+        attempts.append(path)
+        if len(attempts) <= failures:
+            raise OSError(code, os.strerror(code), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", write)
+    monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
+    return attempts
+
+
+def test_a_checkpoint_waits_out_a_full_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    attempts = _flaky_disk(monkeypatch, failures=2, code=errno.ENOSPC)
+    digest = checkpoint.save({"w": torch.ones(3)}, tmp_path / "step4.pt")
+    assert len(attempts) == 4  # two failures, the file, its checksum
+    assert checkpoint.verified_digest(tmp_path / "step4.pt") == digest
+
+
+@pytest.mark.parametrize(("failures", "code"), [(4, errno.ENOSPC), (1, errno.EROFS)])
+def test_a_lasting_or_permanent_disk_error_is_raised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      failures: int, code: int) -> None:
+    attempts = _flaky_disk(monkeypatch, failures=failures, code=code)
+    with pytest.raises(OSError) as raised:
+        checkpoint.save({"w": torch.ones(3)}, tmp_path / "step4.pt")
+    assert raised.value.errno == code and len(attempts) == failures  # read-only: no retry; full: 1 + 3 retries
+    assert list(tmp_path.iterdir()) == []
