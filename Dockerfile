@@ -6,22 +6,33 @@
 #
 # TORCH_VARIANT names a PyTorch wheel index (https://download.pytorch.org/whl/<variant>): cpu, cu126, ...
 # TORCH_INDEX_URL replaces that index (a mirror, PyPI); BASE_IMAGE replaces python:3.11-slim (a
-# mirror of it): both stages use it, as the environment's interpreter comes from it.
+# mirror of it).
+#
+# One stage: a separate build stage would leave out only the project's sources (/src, some
+# hundred KB), and copying the environment out of it writes its GBs a second time (minutes).
 
 ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
-# ---- build: a virtual environment with torch, the project and Flower ----------------------------
-FROM ${BASE_IMAGE} AS build
-
-ARG TORCH_VARIANT=cpu
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    RELAY_STORAGE=/storage \
+    TORCH_HOME=/storage/torch
+
+# uid 10001: above any host's ordinary users, so the shared storage's owner is unambiguous.
+RUN groupadd --gid 10001 relay \
+ && useradd --uid 10001 --gid relay --create-home --shell /usr/sbin/nologin relay \
+ && mkdir -p /storage /data \
+ && chown relay:relay /storage
 
 # Torch first and alone, from the index of the chosen variant: PyPI's default torch wheel carries
 # several GB of CUDA libraries that a CPU worker never uses. The project's own pin (torch==2.14.1)
-# is then already satisfied by the local build (2.14.1+cpu), so `pip install .` keeps it.
+# is then already satisfied by the local build (2.14.1+cpu), so `pip install .` keeps it. The
+# environment is root's: the relay user runs it and cannot change it.
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 RUN python -m venv /opt/venv \
  && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         torch==2.14.1 torchvision==0.29.1
@@ -36,22 +47,9 @@ COPY scheduler ./scheduler
 ARG PIP_INDEX_URL
 RUN pip install --no-cache-dir . flower==2.2.0
 
-# ---- runtime: the environment, a non-root user, nothing else ------------------------------------
-FROM ${BASE_IMAGE}
-
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    RELAY_STORAGE=/storage \
-    TORCH_HOME=/storage/torch
-
-# uid 10001: above any host's ordinary users, so the shared storage's owner is unambiguous.
-RUN groupadd --gid 10001 relay \
- && useradd --uid 10001 --gid relay --create-home --shell /usr/sbin/nologin relay \
- && mkdir -p /storage /data \
- && chown relay:relay /storage
-
-COPY --from=build /opt/venv /opt/venv
+# Set only now: pip compiles the environment's bytecode above, so processes start without
+# compiling torch; at run time nothing writes any (/opt/venv is not the relay user's).
+ENV PYTHONDONTWRITEBYTECODE=1
 
 # Numeric, so that runtimes that check for a non-root user (runAsNonRoot) can.
 USER 10001:10001

@@ -253,7 +253,7 @@ def test_dockerfile_essentials() -> None:
     # The base image and the torch index are build arguments whose defaults are what users get.
     assert args["BASE_IMAGE"] == "python:3.11-slim"
     froms = [a.split()[0] for word, a in instructions if word == "FROM"]
-    assert froms == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
+    assert froms == ["${BASE_IMAGE}"]
     assert args["TORCH_VARIANT"] == "cpu"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
     run = " ".join(a for word, a in instructions if word == "RUN")
