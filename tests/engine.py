@@ -5,13 +5,21 @@ bookworm root filesystem made by debootstrap (Python 3.11, venv, redis-server) i
 both names. A local package index: the project's dependencies (torch included), pinned to what
 this interpreter has installed, taken from the local wheel stores pip's configuration names
 (downloaded by this machine's pip where none holds them) and served on the loopback for the
-build's TORCH_INDEX_URL and PIP_INDEX_URL: the build downloads nothing from outside.
+build's TORCH_INDEX_URL and PIP_INDEX_URL: the build downloads nothing from outside. A copy of
+the checkout with a fresh .env, and the compose file's own build.
+
+Run as a script, it builds ahead of the test (`.ci/run` does so while the other tests run): the
+test's own build is then a cache hit.
+
+    python tests/engine.py warm FOLDER   # base images and the image; FOLDER/made lists what it made
 """
 from __future__ import annotations
 
 import contextlib
 import html
+import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -22,8 +30,11 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BASE_IMAGES = ("python:3.11-slim", "redis:7-alpine")
 DEBIAN_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates,redis-server"
@@ -37,6 +48,14 @@ STAND_IN_CHANGES = {
 
 def run(args: list[str], timeout: float, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and run(["docker", "compose", "version"], 60).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose") and run(["docker-compose", "version"], 60).returncode == 0:
+        return ["docker-compose"]
+    return None
 
 
 def has_image(image: str) -> bool:
@@ -182,12 +201,26 @@ def project_wheelhouse(dest: Path, project: str = "relay", extra: tuple[str, ...
     return dest / "simple"
 
 
+# The index's address is a build argument, so part of the build cache's key: on a fixed port, a
+# build made earlier (`warm`) serves the test's build from the cache.
+INDEX_PORT = 47651
+
+
+def free_port(preferred: int = 0) -> int:
+    """preferred where nothing listens on it, else any free port on the loopback."""
+    for port in dict.fromkeys((preferred, 0)):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds
+            with contextlib.suppress(OSError):
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+    raise OSError("no free port on the loopback")
+
+
 @contextlib.contextmanager
 def serve(folder: Path) -> Iterator[str]:
     """folder over HTTP on the loopback (builds run with --network host and reach it there)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port(INDEX_PORT)  # elsewhere when taken: the build then runs uncached
     proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(folder), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -201,3 +234,83 @@ def serve(folder: Path) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---- the checkout and its build ----------------------------------------------------------------
+
+
+def copy_checkout(dest: Path) -> None:
+    """What a user's clone holds: tracked files and untracked ones git does not ignore."""
+    listed = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], 120, cwd=ROOT)
+    assert listed.returncode == 0, f"the test copies a git checkout: {listed.stderr}"
+    for name in filter(None, listed.stdout.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def write_env(folder: Path, run_id: str) -> dict[str, str]:
+    """.env from .env.example, as the README says: every change-me value changed; names and ports
+    of this run's own so that it clashes with nothing else on the engine."""
+    values = {
+        "COMPOSE_PROJECT_NAME": f"relaye2e{run_id}",
+        "REDIS_PASSWORD": secrets.token_hex(16),
+        "RELAY_API_TOKEN": secrets.token_hex(16),
+        "FLOWER_USER": "relay",
+        "FLOWER_PASSWORD": secrets.token_hex(16),
+        "RELAY_IMAGE": f"relay-e2e-{run_id}",
+        "RELAY_API_PORT": str(free_port()),
+        "FLOWER_PORT": str(free_port()),
+    }
+    lines = []
+    for line in (folder / ".env.example").read_text().splitlines():
+        key = line.partition("=")[0]
+        lines.append(f"{key}={values[key]}" if key in values and not line.startswith("#") else line)
+    (folder / ".env").write_text("\n".join(lines) + "\n")
+    settings = {k: v for k, _, v in (ln.partition("=") for ln in lines if ln.strip() and not ln.startswith("#"))}
+    assert not [k for k, v in settings.items() if v.startswith("change-me")], "a placeholder is left in .env"
+    return settings
+
+
+def shell_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment for compose commands: the shell's overrides .env in Compose, so without .env's keys."""
+    return {k: v for k, v in os.environ.items() if k not in env}
+
+
+def build(folder: Path, env: dict[str, str], work: Path) -> None:
+    """The compose file's own build, with the engine's network (the build reaches the host's
+    loopback) and a local index of the exact wheels instead of PyTorch's index and PyPI."""
+    compose = yaml.safe_load((folder / "docker-compose.yml").read_text())
+    built = [name for name, svc in compose["services"].items() if "build" in svc and not svc.get("profiles")]
+    override = work / "build.yml"
+    override.write_text(yaml.safe_dump({"services": {name: {"build": {"network": "host"}} for name in built}}))
+    index = project_wheelhouse(work / "wheels")
+    with serve(index.parent) as url:
+        command = [*(compose_command() or []), "-f", "docker-compose.yml", "-f", str(override), "build",
+                   "--build-arg", f"TORCH_INDEX_URL={url}/simple", "--build-arg", f"PIP_INDEX_URL={url}/simple"]
+        result = run(command, 3000, cwd=folder, env=shell_env(env))
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+
+
+def warm(work: Path) -> list[str]:
+    """The base images and the compose build, as the test makes them; returns the images made."""
+    started = time.monotonic()
+    made = ensure_base_images(work)
+    print(f"base images: {time.monotonic() - started:.0f} s (made: {made or 'none'})", flush=True)
+    folder = work / "relay"
+    copy_checkout(folder)
+    env = write_env(folder, "warm")
+    started = time.monotonic()
+    build(folder, env, work)
+    print(f"image {env['RELAY_IMAGE']}:cpu: {time.monotonic() - started:.0f} s", flush=True)
+    return [f"{env['RELAY_IMAGE']}:cpu", *made]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "warm":
+        sys.exit(__doc__)
+    folder = Path(sys.argv[2])
+    folder.mkdir(parents=True, exist_ok=True)
+    images = warm(folder)
+    (folder / "made").write_text("".join(f"{image}\n" for image in images))

@@ -10,7 +10,8 @@ images at the end.
 
 Needs a running Docker engine (root), Compose v2 or v1 (`docker-compose`), curl, and debootstrap
 where the base images cannot be pulled; `.ci/run` installs and starts them. Slow (a cold build
-installs torch): run it alone with `.venv/bin/python -m pytest -m docker`.
+installs torch): run it alone with `.venv/bin/python -m pytest -m docker`. `.ci/run` builds ahead
+with `tests/engine.py warm` while the other tests run, and this test's build is then a cache hit.
 """
 from __future__ import annotations
 
@@ -28,27 +29,17 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import yaml
 
-from conftest import IN_CI, free_port, wait_for
-from engine import ensure_base_images, project_wheelhouse, serve
+from conftest import IN_CI, wait_for
+from engine import build, compose_command, copy_checkout, ensure_base_images, shell_env, write_env
 from segmodel.model import SegmentationNN
 
-ROOT = Path(__file__).resolve().parents[1]
 RELAY_SERVICES = ("scheduler", "worker", "flower")
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 
 def _run(args: list[str], timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def compose_command() -> list[str] | None:
-    if shutil.which("docker") and _run(["docker", "compose", "version"], 60).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose") and _run(["docker-compose", "version"], 60).returncode == 0:
-        return ["docker-compose"]
-    return None
 
 
 def engine_problem() -> str | None:
@@ -77,14 +68,10 @@ class Stack:
         self.compose_cmd = compose_command() or []
         self.api = f"http://127.0.0.1:{env['RELAY_API_PORT']}"
         self.flower = f"http://127.0.0.1:{env['FLOWER_PORT']}"
-        # The shell's environment overrides .env in Compose: keep .env's keys out of it.
-        self.shell_env = {k: v for k, v in os.environ.items() if k not in env}
+        self.shell_env = shell_env(env)
 
-    def compose(self, *args: str, timeout: float = 600, check: bool = True, files: list[Path] | None = None) -> subprocess.CompletedProcess[str]:
-        extra = [a for f in files or [] for a in ("-f", str(f))]
-        if extra:
-            extra = ["-f", "docker-compose.yml", *extra]
-        result = _run([*self.compose_cmd, *extra, *args], timeout, cwd=self.folder, env=self.shell_env)
+    def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = _run([*self.compose_cmd, *args], timeout, cwd=self.folder, env=self.shell_env)
         if check:
             assert result.returncode == 0, f"{' '.join(self.compose_cmd)} {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
         return result
@@ -138,40 +125,6 @@ class Stack:
         return self.compose("logs", "--no-color", "--tail", "40", check=False).stdout[-8000:]
 
 
-def _copy_checkout(dest: Path) -> None:
-    """What a user's clone holds: tracked files and untracked ones git does not ignore."""
-    listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], 120, cwd=ROOT)
-    assert listed.returncode == 0, f"the test copies a git checkout: {listed.stderr}"
-    for name in filter(None, listed.stdout.split("\0")):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-
-
-def _write_env(folder: Path, run_id: str) -> dict[str, str]:
-    """.env from .env.example, as the README says: every change-me value changed; names and ports
-    of this run's own so that it clashes with nothing else on the engine."""
-    values = {
-        "COMPOSE_PROJECT_NAME": f"relaye2e{run_id}",
-        "REDIS_PASSWORD": secrets.token_hex(16),
-        "RELAY_API_TOKEN": secrets.token_hex(16),
-        "FLOWER_USER": "relay",
-        "FLOWER_PASSWORD": secrets.token_hex(16),
-        "RELAY_IMAGE": f"relay-e2e-{run_id}",
-        "RELAY_API_PORT": str(free_port()),
-        "FLOWER_PORT": str(free_port()),
-    }
-    lines = []
-    for line in (folder / ".env.example").read_text().splitlines():
-        key = line.partition("=")[0]
-        lines.append(f"{key}={values[key]}" if key in values and not line.startswith("#") else line)
-    (folder / ".env").write_text("\n".join(lines) + "\n")
-    settings = {k: v for k, _, v in (ln.partition("=") for ln in lines if ln.strip() and not ln.startswith("#"))}
-    assert not [k for k, v in settings.items() if v.startswith("change-me")], "a placeholder is left in .env"
-    return settings
-
-
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     problem = engine_problem()
@@ -181,8 +134,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         pytest.skip(problem)
     run_id = secrets.token_hex(4)
     folder = tmp_path / "relay"
-    _copy_checkout(folder)
-    env = _write_env(folder, run_id)
+    copy_checkout(folder)
+    env = write_env(folder, run_id)
     s = Stack(folder, env)
     images_before = set(_images())
     made: list[str] = []
@@ -193,7 +146,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         print(s.logs())
         s.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", check=False)
         project = env["COMPOSE_PROJECT_NAME"]
-        # Tags first, then every image this run made (stand-ins, build stages, intermediate layers),
+        # Tags first, then every image this run made (stand-ins, intermediate layers),
         # newest first so that children go before their parents.
         for image in [f"{env['RELAY_IMAGE']}:cpu", *made]:
             _run(["docker", "rmi", image], 300)
@@ -205,21 +158,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         assert not left, f"left behind: {left}"
 
 
-def _build(s: Stack, tmp_path: Path) -> None:
-    """The compose file's own build, with the engine's network (the build reaches the host's
-    loopback) and a local index of the exact wheels instead of PyTorch's index and PyPI."""
-    compose = yaml.safe_load((s.folder / "docker-compose.yml").read_text())
-    built = [name for name, svc in compose["services"].items() if "build" in svc and not svc.get("profiles")]
-    override = tmp_path / "build.yml"
-    override.write_text(yaml.safe_dump({"services": {name: {"build": {"network": "host"}} for name in built}}))
-    index = project_wheelhouse(tmp_path / "wheels")
-    with serve(index.parent) as url:
-        s.compose("build", "--build-arg", f"TORCH_INDEX_URL={url}/simple", "--build-arg", f"PIP_INDEX_URL={url}/simple",
-                  timeout=3000, files=[override])
-
-
 def test_compose_in_docker_engine(stack: Stack, tmp_path: Path) -> None:
-    _build(stack, tmp_path)
+    build(stack.folder, stack.env, tmp_path)
     walk_through(stack, tmp_path)
 
 
@@ -312,7 +252,11 @@ def walk_through(s: Stack, tmp_path: Path) -> None:
 
     s.compose("up", "-d", "--scale", "worker=2", timeout=600)
     job = s.wait_job(job_id)
-    assert [h["chunk"] for h in job["history"]] == [0, 1, 2]
+    # Chunk 2 (steps 4..6) committed where the stop ended it; a stop in its first step leaves step
+    # 5..6 to a chunk 3.
+    stopped_at = record["end_step"]
+    spans = [(0, 2), (2, 4), (4, stopped_at)] + ([(stopped_at, 6)] if stopped_at < 6 else [])
+    assert [(h["chunk"], h["start_step"], h["end_step"]) for h in job["history"]] == [(i, *span) for i, span in enumerate(spans)]
     wait_for(lambda: s.all_healthy({"worker": 2}), 600, "two healthy workers again", every=2)
 
     # ---- a wedged worker turns unhealthy, and healthy again once it runs ----
