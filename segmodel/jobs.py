@@ -61,6 +61,7 @@ ENDED = {
     "pause": "the job was paused",
     "runtime limit": "the worker's --max-runtime",
     "idle": "the worker's --exit-when-idle",
+    "lease": "the broker did not answer for a lease TTL (committed once the lease was retaken)",
     "recovered": "trained before, committed by the next worker",
 }
 

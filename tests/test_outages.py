@@ -15,7 +15,7 @@ import torch
 from conftest import Procs, RedisServer, assert_equal_weights, tiny_spec, wait_for
 from segmodel import checkpoint
 from segmodel.layout import JobLayout
-from test_relay_e2e import Cluster
+from test_relay_e2e import Cluster, _reference
 from worker.trainer import GO, TrainerFailed, TrainerProcess, TrainerStalled
 
 
@@ -60,7 +60,7 @@ def test_a_hung_trainer_is_killed_by_the_stall_watchdog() -> None:
 def _job_record_is_true(cluster: Cluster, job_id: str) -> dict[str, Any]:
     """The job's record after an outage: every step trained once in order, the report there."""
     job = cluster.wait_state(job_id, ("succeeded", "failed"), timeout=300)
-    assert job["state"] == "succeeded", job["reason"]
+    assert job["state"] == "succeeded", (job["reason"], [e["what"] for e in job["events"]])
     history = job["history"]
     assert [h["chunk"] for h in history] == list(range(len(history)))
     assert history[0]["start_step"] == 0 and history[-1]["end_step"] == job["progress"]["total_steps"] == job["progress"]["step"]
@@ -87,6 +87,33 @@ def test_broker_paused_longer_than_the_lease_mid_chunk(procs: Procs, redis_serve
     second = cluster.submit(tiny_spec(tiny_data))
     _job_record_is_true(cluster, second)
     assert_equal_weights(cluster.final_weights(second), reference)
+
+
+def test_a_graceful_stop_during_a_broker_outage_keeps_its_steps(procs: Procs, redis_server: RedisServer, tiny_data: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """SIGTERM to a worker while Redis is paused past the lease TTL: the chunk ends at its next step
+    and is committed once the broker answers again (the expired lease retaken), not thrown away."""
+    procs.env.update(RELAY_LEASE_TTL_S="3", RELAY_RECONCILE_GRACE_S="3", RELAY_RECONCILE_INTERVAL_S="1")
+    # One planned chunk of 16 steps, 8 s: longer than a lease renewal left hanging (5 s) lets it run on.
+    spec = tiny_spec(tiny_data, epochs=4, chunk_steps=16)
+    cluster = Cluster(procs, redis_server.url, {"w1": ([], {"RELAY_THROTTLE_STEP_S": "0.5"})})
+    job_id = cluster.submit(spec)
+    wait_for(lambda: cluster.steps_trained(job_id) >= 2, 120, "two steps trained", every=0.05)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    cluster.workers["w1"].send_signal(signal.SIGTERM)  # a spot notice in the middle of a broker outage
+    time.sleep(8)  # more than twice the lease TTL
+    redis_server.proc.send_signal(signal.SIGCONT)
+    assert cluster.workers["w1"].wait(timeout=120) == 0
+    first = cluster.commits(job_id)[0]
+    assert first["worker"] == "w1" and first["ended"] == "signal" and 2 <= first["end_step"] < 16, first
+    cluster.start_worker("w2")
+    job = _job_record_is_true(cluster, job_id)
+    assert [h["worker"] for h in job["history"]] == ["w1", "w2"]
+    metrics = [json.loads(line) for line in (cluster.layout(job_id).root / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics]
+    assert sorted(steps) == list(range(1, 17)), "a step trained twice or lost"
+    assert_equal_weights(cluster.final_weights(job_id, 4), _reference(spec, tmp_path, 16, 4))
 
 
 def test_a_hung_trainer_is_recorded_and_its_chunk_retried(procs: Procs, redis_server: RedisServer, tiny_data: dict[str, Path],

@@ -72,7 +72,10 @@ def test_submit_retried_while_the_broker_hangs(procs: Procs, redis_server: Redis
         job = submit.result()
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
-    assert submit.retries() >= 1, submit.errors  # the first try's answer came too late
+    # Either the first try's enqueue hung past the CLI's timeout (it retried), or the scheduler had
+    # already seen the broker fail (a reconciler tick) and answered at once with the job not enqueued.
+    deferred = any(e["what"].startswith("not enqueued") for e in job["events"])
+    assert submit.retries() >= 1 or deferred, (submit.errors, job["events"])
     _one_job(s, job["id"])
     procs.start("worker", "--name", "w1", name="w1")
     done = wait_for(lambda: (j := s.get(f"/api/jobs/{job['id']}").json())["state"] in ("succeeded", "failed") and j, 300,

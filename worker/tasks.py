@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import shared_task
@@ -43,6 +43,8 @@ log = logging.getLogger("relay.worker")
 STATE_POLL_S = 1.0
 # The broker or storage not answering: what a worker rides out or reports, never what fails a job.
 INFRA_ERRORS = (redis.RedisError, OSError, StorageError)
+PATIENCE_S = 30.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -93,9 +95,10 @@ class _Watch:
     for a stop at the next step when the job is paused or the worker is told to stop.
 
     A broker that does not answer (down, paused, cut off) does not stop the chunk while the lease
-    may still be ours: only once a whole TTL has passed since the last renewal that succeeded. A
-    lease found lost is retaken only while the job is still where this work belongs
-    (`is_current`): a worker that was frozen past its job's end trains and writes nothing more."""
+    may still be ours; once a whole TTL has passed since the last renewal that succeeded, the chunk
+    ends at its next step, to be committed if the lease can be retaken. A lease found lost is
+    retaken only while the job is still where this work belongs (`is_current`): a worker that was
+    frozen past its job's end trains and writes nothing more; one found taken kills the trainer."""
 
     def __init__(self, rt: Runtime, job_id: str, token: str, is_current: Callable[[JobState], bool]) -> None:
         self.rt, self.job_id, self.token, self.is_current = rt, job_id, token, is_current
@@ -113,12 +116,14 @@ class _Watch:
                     return KILL
                 self.renewed, self.warned = now, False
             except INFRA_ERRORS as exc:
-                if now - self.renewed >= self.rt.settings.lease_ttl_s:
-                    self.why_stopped = f"lease not renewed for {now - self.renewed:.0f} s: {exc}"
-                    return KILL
                 if not self.warned:
                     log.warning("%s: cannot renew the lease (%s); training on while it may still be valid", self.job_id, exc)
                     self.warned = True
+                if now - self.renewed >= self.rt.settings.lease_ttl_s and self.stop_reason is None:
+                    # It may have expired: end the chunk at the next step and keep those steps if the
+                    # lease can be retaken once the broker answers (nothing is uploaded before).
+                    log.warning("%s: lease not renewed for %.0f s; ending the chunk at its next step", self.job_id, now - self.renewed)
+                    self.stop_reason = "lease"
         if self.stop_reason is None:
             self.stop_reason = stop_requested(self.rt.settings.caches, self.rt.settings.node)
         if now - self.polled >= STATE_POLL_S:
@@ -149,11 +154,26 @@ class _Watch:
         return True
 
 
-def _may_upload(watch: _Watch) -> bool:
+def _patiently(rt: Runtime, what: str, fn: Callable[[], T]) -> T:
+    """fn(), tried again while the broker or storage does not answer, for up to a lease TTL (at least
+    PATIENCE_S): trained steps are not thrown away for a moment's outage. A worker stopping
+    gracefully spends its grace period here rather than losing the chunk (a kill ends it anyway)."""
+    deadline = time.monotonic() + max(rt.settings.lease_ttl_s, PATIENCE_S)
+    while True:
+        try:
+            return fn()
+        except INFRA_ERRORS as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("cannot %s yet (%s); trying again", what, exc)
+            time.sleep(1.0)
+
+
+def _may_upload(rt: Runtime, watch: _Watch) -> bool:
     """Only the lease holder of a job still at this work uploads its files: a worker cut off
     mid-chunk and reconnected after another took over must not overwrite what that one committed."""
     try:
-        return watch.renew()
+        return _patiently(rt, "prove the lease is ours", watch.renew)
     except INFRA_ERRORS as exc:
         watch.why_stopped = f"cannot prove the lease is ours: {exc}"
         return False
@@ -289,7 +309,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             except TrainerCrashed as exc:
                 _failed(rt, job_id, f"chunk {chunk}", exc)
                 return f"crashed: {exc}"
-            if not _may_upload(watch):
+            if not _may_upload(rt, watch):
                 rt.store.update(job_id, lambda s: s.note(f"chunk {chunk} on {rt.settings.node}: trained, not uploaded: {watch.why_stopped}"))
                 return f"dropped: {watch.why_stopped}"
             files.push(f"c{chunk:05d}.a{attempt}.{rt.settings.node}")
@@ -303,6 +323,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
         committed: dict[str, Any] = {}  # the commit log's line, once the state holds the commit
 
         def commit(s: JobState) -> bool:
+            committed.clear()  # an earlier try whose state write failed did not commit
             # Fencing: only the lease holder commits, and only if the job is still at this chunk.
             if s.chunk != chunk or s.status not in (JobStatus.queued, JobStatus.running, JobStatus.paused):
                 return False
@@ -324,7 +345,7 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             return s.status.active
 
         try:
-            _, go_on = rt.store.update(job_id, commit)
+            _, go_on = _patiently(rt, f"commit chunk {chunk} of {job_id}", lambda: rt.store.update(job_id, commit))
         except INFRA_ERRORS as exc:
             # Not fenced, not made. The trained checkpoint stays: the next attempt commits it
             # without training (once the reconciler or a redelivery sends the chunk again).
@@ -415,7 +436,7 @@ def handle_evaluate(rt: Runtime, job_id: str) -> str:
         except (TrainerFailed, TrainerCrashed) as exc:
             _failed(rt, job_id, "evaluation", exc)
             return f"failed: {exc}"
-        if not _may_upload(watch):
+        if not _may_upload(rt, watch):
             return f"dropped: {watch.why_stopped}"
         files.push("eval")
 
