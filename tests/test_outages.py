@@ -116,6 +116,27 @@ def test_a_graceful_stop_during_a_broker_outage_keeps_its_steps(procs: Procs, re
     assert_equal_weights(cluster.final_weights(job_id, 4), _reference(spec, tmp_path, 16, 4))
 
 
+def test_a_broker_silent_past_the_lease_ends_the_chunk_and_keeps_its_steps(procs: Procs, redis_server: RedisServer,
+                                                                            tiny_data: dict[str, Path], tmp_path: Path) -> None:
+    """Redis paused for 14 s mid-chunk (TTL 3 s): the chunk ends at its next step (`lease`) instead
+    of training on with a lease that may be gone, and is committed once the lease is retaken."""
+    procs.env.update(RELAY_LEASE_TTL_S="3", RELAY_RECONCILE_GRACE_S="3", RELAY_RECONCILE_INTERVAL_S="1")
+    spec = tiny_spec(tiny_data, epochs=8, chunk_steps=32)  # one planned chunk of 32 steps, 16 s
+    cluster = Cluster(procs, redis_server.url, {"w1": ([], {"RELAY_THROTTLE_STEP_S": "0.5"})})
+    job_id = cluster.submit(spec)
+    wait_for(lambda: cluster.steps_trained(job_id) >= 2, 120, "two steps trained", every=0.05)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    time.sleep(14)  # renewals time out after 5 s each: the second failure comes past the TTL
+    redis_server.proc.send_signal(signal.SIGCONT)
+    job = _job_record_is_true(cluster, job_id)
+    first = job["history"][0]
+    assert first["worker"] == "w1" and first["ended"] == "lease" and 2 < first["end_step"] < 32, first
+    steps = [json.loads(line)["step"] for line in (cluster.layout(job_id).root / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(steps) == list(range(1, 33)), "a step trained twice or lost"
+    assert_equal_weights(cluster.final_weights(job_id, 8), _reference(spec, tmp_path, 32, 8))
+
+
 def test_a_hung_trainer_is_recorded_and_its_chunk_retried(procs: Procs, redis_server: RedisServer, tiny_data: dict[str, Path],
                                                           reference: dict[str, torch.Tensor]) -> None:
     procs.env.update(RELAY_STALL_TIMEOUT_S="20")  # above a fresh trainer's start-up (torch import) on a loaded machine

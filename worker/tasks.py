@@ -119,10 +119,11 @@ class _Watch:
                 if not self.warned:
                     log.warning("%s: cannot renew the lease (%s); training on while it may still be valid", self.job_id, exc)
                     self.warned = True
-                if now - self.renewed >= self.rt.settings.lease_ttl_s and self.stop_reason is None:
+                unrenewed = time.monotonic() - self.renewed  # the failed call itself may have taken seconds
+                if unrenewed >= self.rt.settings.lease_ttl_s and self.stop_reason is None:
                     # It may have expired: end the chunk at the next step and keep those steps if the
                     # lease can be retaken once the broker answers (nothing is uploaded before).
-                    log.warning("%s: lease not renewed for %.0f s; ending the chunk at its next step", self.job_id, now - self.renewed)
+                    log.warning("%s: lease not renewed for %.0f s; ending the chunk at its next step", self.job_id, unrenewed)
                     self.stop_reason = "lease"
         if self.stop_reason is None:
             self.stop_reason = stop_requested(self.rt.settings.caches, self.rt.settings.node)
