@@ -89,9 +89,12 @@ def _restore(spec: TrainSpec, path: Path, device: torch.device, step: int) -> tu
     state = checkpoint.load(path)
     if state.get("step") != step or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: holds step {state.get('step')} (format {state.get('format')}), expected step {step}")
-    # The backbone's weights come from the checkpoint: never download them again to resume.
-    model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
-    model.load_state_dict(_with_backbone(path, state))
+    # The backbone's weights come from the checkpoint: never download them again to resume. Built
+    # on the meta device, the model gets the loaded tensors as they are: no initialising of AlexNet's
+    # 58 M-parameter classifier only to drop it (a quarter second per chunk on CPU), and no copy.
+    with torch.device("meta"):
+        model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
+    model.load_state_dict(_with_backbone(path, state), assign=True)
     model.to(device)
     optimizer = model.configure_optimizers()
     optimizer.load_state_dict(state["optimizer"])
