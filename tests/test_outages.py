@@ -89,6 +89,13 @@ def test_broker_paused_longer_than_the_lease_mid_chunk(procs: Procs, redis_serve
     assert_equal_weights(cluster.final_weights(second), reference)
 
 
+def _each_step_trained_once(cluster: Cluster, job_id: str, steps: int) -> None:
+    """The job's metrics (a line as each step ends, by every attempt) hold each step once: none
+    thrown away and trained again."""
+    lines = (cluster.layout(job_id).root / "metrics.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["step"] for line in lines) == list(range(1, steps + 1)), "a step trained twice or lost"
+
+
 def test_a_graceful_stop_during_a_broker_outage_keeps_its_steps(procs: Procs, redis_server: RedisServer, tiny_data: dict[str, Path],
                                                                tmp_path: Path) -> None:
     """SIGTERM to a worker while Redis is paused past the lease TTL: the chunk ends at its next step
@@ -110,9 +117,7 @@ def test_a_graceful_stop_during_a_broker_outage_keeps_its_steps(procs: Procs, re
     cluster.start_worker("w2")
     job = _job_record_is_true(cluster, job_id)
     assert [h["worker"] for h in job["history"]] == ["w1", "w2"]
-    metrics = [json.loads(line) for line in (cluster.layout(job_id).root / "metrics.jsonl").read_text().splitlines()]
-    steps = [m["step"] for m in metrics]
-    assert sorted(steps) == list(range(1, 17)), "a step trained twice or lost"
+    _each_step_trained_once(cluster, job_id, 16)
     assert_equal_weights(cluster.final_weights(job_id, 4), _reference(spec, tmp_path, 16, 4))
 
 
@@ -132,8 +137,7 @@ def test_a_broker_silent_past_the_lease_ends_the_chunk_and_keeps_its_steps(procs
     job = _job_record_is_true(cluster, job_id)
     first = job["history"][0]
     assert first["worker"] == "w1" and first["ended"] == "lease" and 2 < first["end_step"] < 32, first
-    steps = [json.loads(line)["step"] for line in (cluster.layout(job_id).root / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(steps) == list(range(1, 33)), "a step trained twice or lost"
+    _each_step_trained_once(cluster, job_id, 32)
     assert_equal_weights(cluster.final_weights(job_id, 8), _reference(spec, tmp_path, 32, 8))
 
 

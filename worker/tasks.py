@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
 from celery import shared_task
 from celery.signals import worker_process_init, worker_process_shutdown
+from kombu.utils.functional import retry_over_time
 
 from worker.broker import Broker
 from segmodel.jobs import ENDED, ChunkRecord, JobNotFound, JobState, JobStatus, JobStore
@@ -156,18 +157,15 @@ class _Watch:
 
 
 def _patiently(rt: Runtime, what: str, fn: Callable[[], T]) -> T:
-    """fn(), tried again while the broker or storage does not answer, for up to a lease TTL (at least
-    PATIENCE_S): trained steps are not thrown away for a moment's outage. A worker stopping
-    gracefully spends its grace period here rather than losing the chunk (a kill ends it anyway)."""
-    deadline = time.monotonic() + max(rt.settings.lease_ttl_s, PATIENCE_S)
-    while True:
-        try:
-            return fn()
-        except INFRA_ERRORS as exc:
-            if time.monotonic() >= deadline:
-                raise
-            log.warning("cannot %s yet (%s); trying again", what, exc)
-            time.sleep(1.0)
+    """fn(), tried again every second while the broker or storage does not answer, for up to a lease
+    TTL (at least PATIENCE_S): trained steps are not thrown away for a moment's outage. A worker
+    stopping gracefully spends its grace period here rather than losing the chunk."""
+    def waiting(exc: BaseException, intervals: Iterator[float], _: int) -> float:
+        log.warning("cannot %s yet (%s); trying again", what, exc)
+        return next(intervals)
+
+    return retry_over_time(fn, INFRA_ERRORS, errback=waiting, interval_start=1, interval_step=0, interval_max=1,
+                           timeout=max(rt.settings.lease_ttl_s, PATIENCE_S))
 
 
 def _may_upload(rt: Runtime, watch: _Watch) -> bool:
