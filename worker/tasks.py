@@ -123,9 +123,10 @@ class _Watch:
                 unrenewed = time.monotonic() - self.renewed  # the failed call itself may have taken seconds
                 if unrenewed >= self.rt.settings.lease_ttl_s and self.stop_reason is None:
                     # It may have expired: end the chunk at the next step and keep those steps if the
-                    # lease can be retaken once the broker answers (nothing is uploaded before).
+                    # lease can be retaken once the broker answers (nothing is uploaded before). A stop
+                    # asked for meanwhile (SIGTERM, a runtime limit) names the reason.
                     log.warning("%s: lease not renewed for %.0f s; ending the chunk at its next step", self.job_id, unrenewed)
-                    self.stop_reason = "lease"
+                    self.stop_reason = stop_requested(self.rt.settings.caches, self.rt.settings.node) or "lease"
         if self.stop_reason is None:
             self.stop_reason = stop_requested(self.rt.settings.caches, self.rt.settings.node)
         if now - self.polled >= STATE_POLL_S:
