@@ -116,10 +116,10 @@ class Stack:
     def busy_worker(self, job_id: str, chunk: int) -> str | None:
         return next((w["node"] for w in self.get("/api/queue")["workers"] if w.get("job") == job_id and w.get("chunk") == chunk), None)
 
-    def container_of(self, node: str) -> str:
+    def container_of(self, node: str, among: list[str] | None = None) -> str:
         """A worker's node name is <hostname>.<pid>; a container's hostname is its short id."""
         hostname = node.rsplit(".", 1)[0]
-        return next(c for c in self.containers("worker") if c.startswith(hostname))
+        return next(c for c in among or self.containers("worker") if c.startswith(hostname))
 
     def logs(self) -> str:
         return self.compose("logs", "--no-color", "--tail", "40", check=False).stdout[-8000:]
@@ -217,13 +217,18 @@ def walk_through(s: Stack, tmp_path: Path) -> None:
     assert right.status_code == 200
 
     # ---- two workers ----
+    # From here each step sleeps a second after it trains (the trainer's test hook), so that a stop
+    # sent once a chunk is seen taken lands inside it whatever the machine's load; Compose merges
+    # the override file into the services, and the scale-up recreates the worker with it.
+    (s.folder / "docker-compose.override.yml").write_text(
+        'services:\n  worker:\n    environment:\n      RELAY_THROTTLE_STEP_S: "1"\n')
     s.compose("up", "-d", "--scale", "worker=2", timeout=600)
     wait_for(lambda: s.all_healthy({"worker": 2}), 600, "two healthy workers", every=2)
     wait_for(lambda: len(s.get("/api/queue")["workers"]) == 2, 120, "two workers online", every=1)
     check_users()
 
     # ---- a SIGKILLed worker's chunk runs again on the other; a warm stop mid-chunk commits ----
-    # The seed engine makes chunks long enough to act in the middle of one: 6 steps, chunks of 2.
+    # 6 steps, chunks of 2, each step a second or more: long enough to act in the middle of a chunk.
     job_id = s.relay("submit", "--train", "/data/syn/train.txt", "--val", "/data/syn/val.txt", "--epochs", "2",
                      "--chunk-steps", "2", "--height", "160", "--width", "160", "--engine", "seed", "--no-pretrained").strip()
     killed = wait_for(lambda: s.busy_worker(job_id, 1), 600, "a worker to start chunk 1", every=0.2)
@@ -239,8 +244,9 @@ def walk_through(s: Stack, tmp_path: Path) -> None:
     assert again["worker"] != killed and again["attempt"] >= 2, again
     assert not again["worker"].startswith(killed.rsplit(".", 1)[0]), "chunk 1 ran again in the killed container"
 
+    workers = s.containers("worker")  # looked up before, so that the stop follows the sighting at once
     stopped = wait_for(lambda: s.busy_worker(job_id, 2), 600, "a worker to start chunk 2", every=0.2)
-    stopped_container = s.container_of(stopped)
+    stopped_container = s.container_of(stopped, workers)
     stop_at = time.time()
     stop = _run(["docker", "stop", "--time", "120", stopped_container], 300)  # SIGTERM: Celery's warm shutdown
     assert stop.returncode == 0, stop.stderr
