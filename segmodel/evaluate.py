@@ -28,7 +28,7 @@ from segmodel.lists import read_list
 from segmodel.fastloss import _pool, single_threaded
 from segmodel.layout import JobLayout
 from segmodel.metrics import ConfusionMatrix, summarize
-from segmodel.model import build_model
+from segmodel.model import model_from_state
 from segmodel.spec import TrainSpec
 from segmodel.train import environment, pick_device
 from segmodel.visualize import save_prediction_grid
@@ -45,9 +45,7 @@ def evaluate(
     Fast-engine jobs with a `cache_dir` take the fast path (module docstring)."""
     layout = JobLayout(Path(job_dir))
     device = device or pick_device(spec)
-    model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
-    model.load_state_dict(checkpoint.load(weights))
-    model.to(device).eval()
+    model = model_from_state(spec, checkpoint.load(weights)).to(device).eval()
     names = class_names(spec.num_classes)
     if spec.engine == "fast" and cache_dir is not None:
         cm, shown, n_val, path = _confusion_fast(spec, model, device, cache_dir, on_progress)
@@ -72,9 +70,7 @@ def validate(spec: TrainSpec, weights: Path, *, device: torch.device | None = No
     """Mean IoU and pixel accuracy of `weights` on the validation list, nothing written: a point
     of the validation curve. The same paths as `evaluate` (the fast one on the caches)."""
     device = device or pick_device(spec)
-    model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
-    model.load_state_dict(checkpoint.load(weights))
-    model.to(device).eval()
+    model = model_from_state(spec, checkpoint.load(weights)).to(device).eval()
     if spec.engine == "fast" and cache_dir is not None:
         cm = _confusion_fast(spec, model, device, cache_dir, on_progress)[0]
     else:
@@ -123,7 +119,9 @@ def _confusion_fast(
     def one(z: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One image: upsample only the classes that can win somewhere, argmax, confusion counts."""
         keep = contenders(z)
-        pred = keep[model.upsample(z[keep].unsqueeze(0)).argmax(dim=1)[0]].cpu()
+        # max's indices are argmax's (the first of equal values, NaN the largest), and its CPU kernel
+        # over the class dimension is ~9x faster here (0.8 against 6.9 ms for 5 classes).
+        pred = keep[model.upsample(z[keep].unsqueeze(0)).max(dim=1).indices[0]].cpu()
         return pred, torch.bincount(label.reshape(-1).long() * c + pred.reshape(-1), minlength=c * c)
 
     for start in range(0, n, spec.batch_size):
@@ -160,9 +158,13 @@ def contenders(z: torch.Tensor) -> torch.Tensor:
     those channels' values bit for bit (the kernel works channel by channel), and argmax keeps
     the first of equal values, so predictions stay the full upsample's exactly.
     """
-    k = (min(2, z.shape[-2]), min(2, z.shape[-1]))
-    hi = torch.nn.functional.max_pool2d(z.unsqueeze(0), k, stride=1)[0]  # (C, h', w')
-    lo = -torch.nn.functional.max_pool2d(-z.unsqueeze(0), k, stride=1)[0]
+    # Corners of every window as four shifted views (a 1-pixel side is its own neighbour): a few
+    # elementwise ops on a 101x6x6 grid, ~10x quicker than pooling's dispatch.
+    r, q = (1 if z.shape[-2] > 1 else 0), (1 if z.shape[-1] > 1 else 0)
+    h, w = z.shape[-2] - r, z.shape[-1] - q
+    corners = (z[:, :h, :w], z[:, r:, :w], z[:, :h, q:], z[:, r:, q:])
+    hi = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))  # (C, h', w')
+    lo = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
     margin = 1e-4 * (1.0 + float(z.abs().max()))
     alive = (hi >= lo.amax(dim=0, keepdim=True) - margin).flatten(1).any(dim=1)
     return alive.nonzero().flatten()

@@ -23,7 +23,7 @@ from segmodel.data import SegmentationDataset, epoch_order
 from segmodel.lists import read_list
 from segmodel.errors import CheckpointError, TrainingError
 from segmodel.layout import JobLayout
-from segmodel.model import SegmentationNN, build_model
+from segmodel.model import SegmentationNN, build_model, model_from_state
 from segmodel.spec import ChunkPlan, TrainSpec
 
 CHECKPOINT_FORMAT = 1
@@ -89,13 +89,8 @@ def _restore(spec: TrainSpec, path: Path, device: torch.device, step: int) -> tu
     state = checkpoint.load(path)
     if state.get("step") != step or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: holds step {state.get('step')} (format {state.get('format')}), expected step {step}")
-    # The backbone's weights come from the checkpoint: never download them again to resume. Built
-    # on the meta device, the model gets the loaded tensors as they are: no initialising of AlexNet's
-    # 58 M-parameter classifier only to drop it (a quarter second per chunk on CPU), and no copy.
-    with torch.device("meta"):
-        model = build_model(spec.model_copy(update={"pretrained": False, "pretrained_path": None}))
-    model.load_state_dict(_with_backbone(path, state), assign=True)
-    model.to(device)
+    # The backbone's weights come from the checkpoint: never download them again to resume.
+    model = model_from_state(spec, _with_backbone(path, state)).to(device)
     optimizer = model.configure_optimizers()
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
