@@ -431,6 +431,33 @@ def test_data_cache_key_follows_files_and_sizes(data: dict[str, Path], tmp_path:
     assert "3.png" in str(info.value) and "list.txt:4" in str(info.value)
 
 
+def test_data_cache_key_names_files_by_their_real_paths(data: dict[str, Path], tmp_path: Path) -> None:
+    """Reached through a linked folder, a linked file or a chain of links, the same files give the
+    same key (each folder is resolved once, a linked file on its own); a dangling link names itself."""
+    real = tmp_path / "real"
+    real.mkdir()
+    samples = read_list(data["val"])[:3]
+    for k, s in enumerate(samples):
+        (real / f"{k}.jpg").write_bytes(s.image.read_bytes())
+        (real / f"{k}.png").write_bytes(s.annotation.read_bytes())
+    (real / "list.txt").write_text("".join(f"{k}.jpg {k}.png\n" for k in range(3)))
+    key = caches.data_key(read_list(real / "list.txt"), 96, 128, 101)
+    (tmp_path / "via").symlink_to(real, target_is_directory=True)
+    assert caches.data_key(read_list(tmp_path / "via" / "list.txt"), 96, 128, 101) == key
+    links = tmp_path / "links"
+    links.mkdir()
+    for k in range(3):
+        (links / f"{k}.jpg").symlink_to(real / f"{k}.jpg")
+        (links / f"hop{k}.png").symlink_to(tmp_path / "via" / f"{k}.png")  # a link into a linked folder
+        (links / f"{k}.png").symlink_to(links / f"hop{k}.png")  # and a link to that link
+    (links / "list.txt").write_text("".join(f"{k}.jpg {k}.png\n" for k in range(3)))
+    assert caches.data_key(read_list(links / "list.txt"), 96, 128, 101) == key
+    (real / "2.png").rename(real / "gone.png")
+    with pytest.raises(DataError) as info:
+        caches.data_key(read_list(links / "list.txt"), 96, 128, 101)
+    assert "2.png" in str(info.value) and "list.txt:3" in str(info.value)
+
+
 def test_bad_sample_leaves_no_cache(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"not a jpeg")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
