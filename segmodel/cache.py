@@ -58,7 +58,7 @@ import PIL
 import torch
 from torch import nn
 
-from segmodel.data import load_sample, to_tensors
+from segmodel.data import load_sample, normalised_batch
 from segmodel.lists import Sample, read_list
 from segmodel.errors import CacheSpaceError, DataError, show_path
 
@@ -261,8 +261,8 @@ class DataCache:
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, H, W) float and (N, H, W) int64: bit for bit what the seed's Dataset + default collate give."""
-        pairs = [to_tensors(self.images[i], self.labels[i]) for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        rows = list(indices)
+        return normalised_batch(self.images[rows]), torch.from_numpy(self.labels[rows]).long()
 
     def label_batch(self, indices: Sequence[int]) -> torch.Tensor:
         """(N, H, W) uint8 class ids (the fast loss takes any integer type)."""

@@ -15,6 +15,8 @@ from segmodel.data import (
     check_dataset,
     epoch_order,
     load_sample,
+    normalised_batch,
+    to_tensors,
 )
 from segmodel.errors import DataError
 from segmodel.lists import read_list
@@ -66,6 +68,18 @@ def _assert_names(err: DataError, list_file: Path, line: int | None, path: Path 
 
 
 # --- bad inputs ---------------------------------------------------------------------------------
+
+
+def test_a_normalised_batch_is_the_seeds_images_stacked_bit_for_bit() -> None:
+    """Every byte value in every channel (the 16x16 batch holds each one three times per channel),
+    and odd sizes (vector bodies and scalar tails alike)."""
+    values = np.arange(256, dtype=np.uint8)
+    for h, w in ((16, 16), (7, 13), (1, 1)):
+        rgb = np.stack([np.roll(values, 85 * c)[np.arange(3 * h * w) % 256].reshape(3, h, w) for c in range(3)], axis=-1)
+        labels = np.zeros((3, h, w), np.uint8)
+        expected = torch.stack([to_tensors(rgb[i], labels[i])[0] for i in range(3)])
+        got = normalised_batch(rgb)
+        assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, expected)
 
 
 def test_missing_image(tmp_path: Path) -> None:
