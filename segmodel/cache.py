@@ -374,6 +374,20 @@ def cacheable_backbone(backbone: nn.Module) -> bool:
     return frozen and all(isinstance(m, _DETERMINISTIC) for m in backbone.modules())
 
 
+def _forward(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """backbone(x), a Sequential's max-pools run on channels-last copies on CPU: the same values (a
+    max is exact; every other layer sees the layout it always does), and PyTorch's channels-last
+    max-pool is vectorized where its NCHW one is not: 28 -> 7 ms of AlexNet's 150 ms per batch of 16."""
+    if x.device.type != "cpu" or not isinstance(backbone, nn.Sequential):
+        return backbone(x)
+    for layer in backbone:
+        if isinstance(layer, nn.MaxPool2d):
+            x = layer(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        else:
+            x = layer(x)
+    return x
+
+
 @dataclass
 class FeatureCache:
     path: Path
@@ -414,7 +428,7 @@ def feature_cache(
         for b0 in range(0, n, FEATURE_BATCH):
             idx = range(b0, min(n, b0 + FEATURE_BATCH))
             x, _ = data.batch(idx)
-            out = backbone(x.to(device)).float().cpu().numpy()
+            out = _forward(backbone, x.to(device)).float().cpu().numpy()
             if feats is None:
                 shape = (n, *out.shape[1:])
                 check_space(tmp, npy_bytes(shape, np.float32))

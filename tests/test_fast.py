@@ -488,6 +488,15 @@ def test_feature_cache_keyed_by_backbone_weights(data: dict[str, Path], tmp_path
         caches.feature_cache(d, a, tmp_path)  # a trainable backbone is never cached
 
 
+@pytest.mark.parametrize("size", [(240, 240), (96, 128), (67, 93)])
+def test_feature_builds_max_pool_channels_last_to_the_same_bits(size: tuple[int, int]) -> None:
+    torch.manual_seed(sum(size))
+    backbone = SegmentationNN(pretrained=False).features.eval()
+    x = torch.randn(5, 3, *size)
+    with torch.no_grad():
+        assert torch.equal(caches._forward(backbone, x), backbone(x))
+
+
 def test_threads_and_worker_env() -> None:
     n = choose_threads()
     assert 1 <= n <= (os.cpu_count() or 1)
