@@ -15,7 +15,6 @@ from segmodel.jobs import JobNotFound, JobState, JobStatus, JobStore
 from segmodel.lists import read_list
 from segmodel.datasets import is_remote, open_remote_list, sample_count
 from segmodel.errors import DataError, InitWeightsError, show_path
-from segmodel.initweights import read_init_weights
 from segmodel.spec import ChunkPlan, TrainSpec
 from segmodel.storage import StorageError
 from worker.app import make_app
@@ -165,6 +164,9 @@ class Control:
         spec = self._check_paths(spec)
         init_state = None
         if spec.init_weights is not None:
+            # Imported here: torch and Lightning take seconds to import, and only a job that starts
+            # from a weights file needs them; the scheduler and `relay run` start without.
+            from segmodel.initweights import read_init_weights
             try:
                 init_state, digest = read_init_weights(Path(spec.init_weights), spec)
             except InitWeightsError as exc:

@@ -23,10 +23,11 @@ def test_nothing_imports_upwards(package: str) -> None:
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize("modules", ["worker.tasks", "scheduler.cli"])
+@pytest.mark.parametrize("modules", ["worker.tasks", "scheduler.cli", "scheduler.control", "scheduler.api"])
 def test_workers_and_the_cli_import_no_torch(modules: str) -> None:
-    """The Celery worker process (leases, commits, hand-offs) and the CLI start without torch,
-    numpy or PIL: only trainer processes train, and the scheduler loads weights only to check them."""
+    """The Celery worker process (leases, commits, hand-offs), the CLI, `relay run` and the API
+    start without torch, numpy or PIL (seconds of imports): only trainer processes train, and the
+    scheduler loads weights only to check a job's init weights."""
     code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
