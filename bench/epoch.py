@@ -122,6 +122,7 @@ def run_fast(list_file: str, steps: int, work: Path, device: str) -> dict[str, A
     import torch
 
     from segmodel import cache as caches
+    from segmodel import features
     from segmodel.lists import read_list
     from segmodel.fasttrain import train_steps_fast
     from segmodel.spec import ChunkPlan, TrainSpec
@@ -141,7 +142,7 @@ def run_fast(list_file: str, steps: int, work: Path, device: str) -> dict[str, A
     data_s = time.perf_counter() - t0
     model, _ = _fresh_state(spec, JobLayout(work / "job"), torch.device(device))  # the job's backbone at step 0 (every chunk builds its model)
     t1 = time.perf_counter()
-    caches.feature_cache(data, model.features, cache, torch.device(device))
+    features.feature_cache(data, model.features, cache, torch.device(device))
     features_s = time.perf_counter() - t1
     step_s: list[float] = []
     first = train_steps_fast(spec, work / "job", 0, 1, storage_cache=cache)

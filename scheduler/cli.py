@@ -250,7 +250,7 @@ def data_push(folder: str, url: str, threads: int) -> None:
 @click.option("--num-classes", type=int, default=101, show_default=True)
 def data_check(list_file: str, num_classes: int) -> None:
     """Validate every sample of a list file and report every bad one at once."""
-    from segmodel.data import check_dataset
+    from segmodel.samples import check_dataset
 
     checked, errors = check_dataset(Path(list_file), num_classes)
     for err in errors:

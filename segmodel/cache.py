@@ -1,4 +1,8 @@
-"""Caches on shared storage that make an epoch cheap: decoded data and frozen-backbone features.
+"""Caches on shared storage that make an epoch cheap: the decoded data here, the frozen backbone's
+features in segmodel.features (built the same way, with the helpers below).
+
+This module imports no torch (only a batch of the data, as tensors, needs it): checking and
+preparing data cost no seconds of importing it.
 
 Prepared data, `<cache>/data/<key>/`: every sample decoded and resized once, exactly as the seed's
 `load_sample` does it, into `images.npy` (N, H, W, 3) uint8 and `labels.npy` (N, H, W) uint8, read
@@ -8,22 +12,6 @@ their size and mtime_ns (or, with `content_hash=True`, a sha256 of their bytes).
 changes its mtime, so it gets a new key and a new cache; the old one is simply no longer used.
 A rewrite that keeps both size and mtime_ns (a copy with preserved times) is not noticed unless
 `content_hash=True` - the same rule as make's and rsync's.
-
-Frozen features, `<cache>/features/<key>/features.npy` (N, 256, h, w) float32: the backbone's
-output for every sample. Keyed by the data key, a sha256 of the backbone's state_dict (so other
-pretrained weights never reuse it), the device type and the torch version. Only valid while the
-backbone cannot change the features: frozen, deterministic layers (no dropout or batch norm) and no
-random augmentation (the seed has none).
-
-Exactness. The features are computed in fixed batches of FEATURE_BATCH consecutive samples in list
-order, not in the training batches. The stored bits are therefore a function of the data, the
-weights and the machine that built the cache, never of the job's chunking or order: every chunk of
-a job reads the same bits, so cached training keeps the relay's bitwise guarantee. Compared with
-the uncached path (features of each shuffled training batch), the features are equal bit for bit
-where the convolution does not depend on the batch's composition (the case for 240x240 inputs on
-our CPUs, observed); elsewhere oneDNN may pick another algorithm for another batch size and the
-last bits differ. Fixed batches rather than one image at a time: a batch of 16 is ~2.5x faster to
-compute on CPU and just as independent of the job.
 
 Both caches are built in a temporary folder next to the final one and renamed into place, so a
 reader sees a complete cache or none. Two workers building the same key at once both do the work;
@@ -51,20 +39,19 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import PIL
-import torch
-from torch import nn
 
-from segmodel.data import load_sample, normalised_batch
+from segmodel.samples import load_sample
+
+if TYPE_CHECKING:
+    import torch
 from segmodel.lists import Sample, read_list
 from segmodel.errors import CacheSpaceError, DataError, show_path
 
 DATA_FORMAT = 2  # bump when load_sample's output for the same file could change
-FEATURE_FORMAT = 1
-FEATURE_BATCH = 16
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -130,22 +117,6 @@ def data_key(samples: Sequence[Sample], height: int, width: int, num_classes: in
     for e in entries:
         h.update(e + b"\n")
     return h.hexdigest()
-
-
-def state_dict_digest(module: nn.Module) -> str:
-    """sha256 of a module's state_dict: names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def feature_key(data: str, backbone_digest: str, device_type: str) -> str:
-    head = {"format": FEATURE_FORMAT, "data": data, "backbone": backbone_digest, "device": device_type,
-            "torch": torch.__version__, "batch": FEATURE_BATCH}
-    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
 
 
 # ---- building --------------------------------------------------------------------------------------
@@ -220,7 +191,7 @@ def check_space(folder: Path, needed: int) -> None:
             f"or point RELAY_CACHE_DIR at a larger disk")
 
 
-def _allocate(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+def allocate(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
     """An .npy file memory-mapped for writing, every block reserved first: a full disk raises
     ENOSPC here instead of a SIGBUS when the map is written."""
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
@@ -259,17 +230,21 @@ class DataCache:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    # Batches are tensors: torch is imported by their first use, never by building the cache.
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, H, W) float and (N, H, W) int64: bit for bit what the seed's Dataset + default collate give."""
+        import torch
+        from segmodel.data import normalised_batch
         rows = list(indices)
         return normalised_batch(self.images[rows]), torch.from_numpy(self.labels[rows]).long()
 
     def label_batch(self, indices: Sequence[int]) -> torch.Tensor:
         """(N, H, W) uint8 class ids (the fast loss takes any integer type)."""
+        import torch
         return torch.from_numpy(self.labels[list(indices)])
 
 
-def _open_arrays(folder: Path, key: str, names: tuple[str, ...]) -> list[np.ndarray] | None:
+def open_arrays(folder: Path, key: str, names: tuple[str, ...]) -> list[np.ndarray] | None:
     """The cache's arrays, memory-mapped, if its metadata has this key and they are complete."""
     meta = _read_meta(folder, key)
     if meta is None:
@@ -279,7 +254,7 @@ def _open_arrays(folder: Path, key: str, names: tuple[str, ...]) -> list[np.ndar
 
 
 def _open_data(folder: Path, key: str, built_s: float = 0.0) -> DataCache | None:
-    arrays = _open_arrays(folder, key, ("images", "labels"))
+    arrays = open_arrays(folder, key, ("images", "labels"))
     return DataCache(folder, key, *arrays, built_s) if arrays is not None else None
 
 
@@ -304,8 +279,8 @@ def data_cache(
     def build(tmp: Path) -> dict[str, Any]:
         n = len(samples)
         check_space(tmp, npy_bytes((n, height, width, 3), np.uint8) + npy_bytes((n, height, width), np.uint8))
-        images = _allocate(tmp / "images.npy", (n, height, width, 3), np.uint8)
-        labels = _allocate(tmp / "labels.npy", (n, height, width), np.uint8)
+        images = allocate(tmp / "images.npy", (n, height, width, 3), np.uint8)
+        labels = allocate(tmp / "labels.npy", (n, height, width), np.uint8)
         workers = threads or max(1, len(os.sched_getaffinity(0)))
         # PIL decodes and resizes with the GIL released: threads use every core. Windows of
         # samples bound the decoded images waiting to be written; a bad sample stops the rest.
@@ -326,13 +301,13 @@ def data_cache(
         return {"format": DATA_FORMAT, "n": n, "height": height, "width": width, "num_classes": num_classes,
                 "samples": [[str(s.image), str(s.annotation)] for s in samples]}
 
-    return _open_or_build(Path(root) / "data", key, _open_data, build)
+    return open_or_build(Path(root) / "data", key, _open_data, build)
 
 
 C = TypeVar("C")
 
 
-def _open_or_build(parent: Path, key: str, open_: Callable[[Path, str, float], C | None], build: Callable[[Path], dict[str, Any]]) -> C:
+def open_or_build(parent: Path, key: str, open_: Callable[[Path, str, float], C | None], build: Callable[[Path], dict[str, Any]]) -> C:
     """Open the cache `key`, or build it in a temporary folder and publish it whole (rename)."""
     final = parent / key
     found = open_(final, key, 0.0)
@@ -364,81 +339,3 @@ def _open_or_build(parent: Path, key: str, open_: Callable[[Path, str, float], C
 
 
 # ---- frozen features -------------------------------------------------------------------------------
-
-_DETERMINISTIC = (nn.Sequential, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Identity)
-
-
-def cacheable_backbone(backbone: nn.Module) -> bool:
-    """Frozen and made only of layers whose output depends on nothing but input and weights."""
-    frozen = not any(p.requires_grad for p in backbone.parameters())
-    return frozen and all(isinstance(m, _DETERMINISTIC) for m in backbone.modules())
-
-
-def _forward(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """backbone(x), a Sequential's max-pools run on channels-last copies on CPU: the same values (a
-    max is exact; every other layer sees the layout it always does), and PyTorch's channels-last
-    max-pool is vectorized where its NCHW one is not: 28 -> 7 ms of AlexNet's 150 ms per batch of 16."""
-    if x.device.type != "cpu" or not isinstance(backbone, nn.Sequential):
-        return backbone(x)
-    for layer in backbone:
-        if isinstance(layer, nn.MaxPool2d):
-            x = layer(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        else:
-            x = layer(x)
-    return x
-
-
-@dataclass
-class FeatureCache:
-    path: Path
-    key: str
-    features: np.ndarray  # (N, C, h, w) float32, memory-mapped
-    built_s: float = 0.0
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(self.features[list(indices)])
-
-
-def _open_features(folder: Path, key: str, built_s: float = 0.0) -> FeatureCache | None:
-    arrays = _open_arrays(folder, key, ("features",))
-    return FeatureCache(folder, key, *arrays, built_s) if arrays is not None else None
-
-
-@torch.no_grad()
-def feature_cache(
-    data: DataCache,
-    backbone: nn.Module,
-    root: Path | str,
-    device: torch.device | str = "cpu",
-    *,
-    progress: Progress | None = None,
-) -> FeatureCache:
-    """The backbone's features of every sample of `data`, computed first if not on storage yet."""
-    device = torch.device(device)
-    if not cacheable_backbone(backbone):
-        raise ValueError("the backbone is trainable or has layers with state or randomness: its features cannot be cached")
-    key = feature_key(data.key, state_dict_digest(backbone), device.type)
-
-    def build(tmp: Path) -> dict[str, Any]:
-        n = len(data)
-        feats: np.ndarray | None = None
-        for b0 in range(0, n, FEATURE_BATCH):
-            idx = range(b0, min(n, b0 + FEATURE_BATCH))
-            x, _ = data.batch(idx)
-            out = _forward(backbone, x.to(device)).float().cpu().numpy()
-            if feats is None:
-                shape = (n, *out.shape[1:])
-                check_space(tmp, npy_bytes(shape, np.float32))
-                feats = _allocate(tmp / "features.npy", shape, np.float32)
-            feats[b0 : b0 + len(idx)] = out
-            if progress is not None:
-                progress("features", b0 + len(idx), n)
-        assert feats is not None
-        feats.flush()
-        return {"format": FEATURE_FORMAT, "n": n, "shape": list(feats.shape), "data": data.key, "device": device.type,
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-    return _open_or_build(Path(root) / "features", key, _open_features, build)

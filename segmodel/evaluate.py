@@ -7,7 +7,7 @@ feature cache (built once, like the training set's); the 1x1 head on a batch of 
 features, then per image the same bilinear upsample kernel and argmax, counted straight into the
 confusion matrix, images in parallel on the loss's thread pool. Upsampling is computed pixel by
 pixel whatever the batch, so the predictions are the seed path's bit for bit wherever the
-features are (see segmodel.cache: the same for 240x240 inputs on our CPUs); tested equal on a
+features are (see segmodel.features: the same for 240x240 inputs on our CPUs); tested equal on a
 set without argmax ties.
 """
 from __future__ import annotations
@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from segmodel import cache as caches
+from segmodel import features
 from segmodel import checkpoint
 from segmodel.checkpoint import atomic_write_bytes
 from segmodel.classes import class_names
-from segmodel.data import load_sample, to_tensors
+from segmodel.data import to_tensors
 from segmodel.lists import read_list
+from segmodel.samples import load_sample
 from segmodel.fastloss import _pool, single_threaded
 from segmodel.layout import JobLayout
 from segmodel.metrics import ConfusionMatrix, summarize
@@ -109,8 +111,8 @@ def _confusion_fast(
 ) -> tuple[ConfusionMatrix, Shown, int, str]:
     data = caches.data_cache(read_list(spec.val), spec.height, spec.width, spec.num_classes, cache_dir, progress=on_progress)
     feats = None
-    if spec.freeze_backbone and caches.cacheable_backbone(model.features):
-        feats = caches.feature_cache(data, model.features, cache_dir, device, progress=on_progress)
+    if spec.freeze_backbone and features.cacheable_backbone(model.features):
+        feats = features.feature_cache(data, model.features, cache_dir, device, progress=on_progress)
     c = spec.num_classes
     counts = torch.zeros(c * c, dtype=torch.int64)
     shown: Shown = ([], [], [])

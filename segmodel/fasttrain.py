@@ -2,7 +2,8 @@
 
 What makes it fast (each keeps the objective within float rounding of the seed's):
 * the data is decoded and resized once per dataset, into a memory-mapped cache (`segmodel.cache`);
-* with a frozen backbone, its features are computed once per (data, backbone weights, device type)
+* with a frozen backbone, its features are computed once per (data, backbone weights, device type;
+  `segmodel.features`)
   and the head trains from them;
 * the bilinear upsample to 240x240 + cross-entropy, 75% of the seed's step, is computed by
   `segmodel.fastloss` in cache-sized row blocks with its gradient in the same pass.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from segmodel import cache as caches
+from segmodel import features
 from segmodel import determinism
 from segmodel.lists import read_list
 from segmodel.fastloss import head_cross_entropy, single_threaded, upsample_cross_entropy
@@ -60,9 +62,9 @@ def train_steps_fast(
     data = caches.data_cache(samples, spec.height, spec.width, spec.num_classes, storage_cache, progress=on_progress)
     size = (spec.height, spec.width)
     env: dict[str, Any] = {"engine": "fast", **deterministic, "data_cache": data.key}
-    feats: caches.FeatureCache | None = None
+    feats: features.FeatureCache | None = None
     if features_cacheable(spec, model.features):
-        feats = caches.feature_cache(data, model.features, storage_cache, device, progress=on_progress)
+        feats = features.feature_cache(data, model.features, storage_cache, device, progress=on_progress)
         env["feature_cache"] = feats.key
     env["arithmetic"] = arithmetic(device, thread_invariant=feats is not None and device.type == "cpu")
     env["cache_build_s"] = round(data.built_s + (feats.built_s if feats is not None else 0.0), 3)
@@ -102,4 +104,4 @@ def arithmetic(device: torch.device, *, thread_invariant: bool) -> dict[str, Any
 def features_cacheable(spec: TrainSpec, backbone: torch.nn.Module) -> bool:
     """Frozen, deterministic backbone and no random augmentation (the seed has none; an
     augmentation setting, if one is ever added, must turn this off)."""
-    return spec.freeze_backbone and caches.cacheable_backbone(backbone)
+    return spec.freeze_backbone and features.cacheable_backbone(backbone)

@@ -112,7 +112,7 @@ def test_other_os_errors_name_the_cache(tmp_path: Path, train_list: Path, monkey
     def refuse(*a, **k):  # type: ignore[no-untyped-def]
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(caches, "_allocate", refuse)
+    monkeypatch.setattr(caches, "allocate", refuse)
     with pytest.raises(OSError, match="building the cache .*cache/data/"):
         caches.data_cache(train_list, 64, 64, 101, tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache" / "data").iterdir()] == []

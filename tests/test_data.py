@@ -10,14 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from segmodel.data import (
-    SegmentationDataset,
-    check_dataset,
-    epoch_order,
-    load_sample,
-    normalised_batch,
-    to_tensors,
-)
+from segmodel.data import SegmentationDataset, epoch_order, normalised_batch, to_tensors
+from segmodel.samples import check_dataset, load_sample
 from segmodel.errors import DataError
 from segmodel.lists import read_list
 from segmodel.synthetic import generate

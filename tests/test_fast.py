@@ -16,6 +16,7 @@ from PIL import Image
 
 import segmodel.fastloss as fastloss
 from segmodel import cache as caches
+from segmodel import features
 from segmodel import checkpoint
 from segmodel.data import SegmentationDataset
 from segmodel.lists import read_list
@@ -473,19 +474,19 @@ def test_feature_cache_keyed_by_backbone_weights(data: dict[str, Path], tmp_path
     a = SegmentationNN(num_classes=101, height=96, width=128, pretrained=False).features
     torch.manual_seed(1)
     b = SegmentationNN(num_classes=101, height=96, width=128, pretrained=False).features
-    fa = caches.feature_cache(d, a, tmp_path)
+    fa = features.feature_cache(d, a, tmp_path)
     assert fa.built_s > 0 and fa.features.shape == (4, 256, 2, 3)
-    assert caches.feature_cache(d, a, tmp_path).built_s == 0  # reused
-    fb = caches.feature_cache(d, b, tmp_path)
+    assert features.feature_cache(d, a, tmp_path).built_s == 0  # reused
+    fb = features.feature_cache(d, b, tmp_path)
     assert fb.key != fa.key and not np.array_equal(fa.features, fb.features)
-    assert caches.state_dict_digest(a) != caches.state_dict_digest(b)
-    assert caches.feature_key(d.key, caches.state_dict_digest(a), "cuda") != fa.key
+    assert features.state_dict_digest(a) != features.state_dict_digest(b)
+    assert features.feature_key(d.key, features.state_dict_digest(a), "cuda") != fa.key
     x, _ = d.batch(range(4))
     with torch.no_grad():
         assert torch.equal(fa.batch(range(4)), a(x))  # one build batch: the same computation
     a.requires_grad_(True)
     with pytest.raises(ValueError):
-        caches.feature_cache(d, a, tmp_path)  # a trainable backbone is never cached
+        features.feature_cache(d, a, tmp_path)  # a trainable backbone is never cached
 
 
 @pytest.mark.parametrize("size", [(240, 240), (96, 128), (67, 93)])
@@ -494,7 +495,7 @@ def test_feature_builds_max_pool_channels_last_to_the_same_bits(size: tuple[int,
     backbone = SegmentationNN(pretrained=False).features.eval()
     x = torch.randn(5, 3, *size)
     with torch.no_grad():
-        assert torch.equal(caches._forward(backbone, x), backbone(x))
+        assert torch.equal(features._forward(backbone, x), backbone(x))
 
 
 def test_threads_and_worker_env() -> None:
@@ -554,11 +555,12 @@ def test_caches_hold_the_same_bytes_however_built(data: dict[str, Path], tmp_pat
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 from segmodel import cache as caches
+from segmodel import features
 from segmodel.model import SegmentationNN
 torch.manual_seed(0)
 model = SegmentationNN(num_classes=101, height=96, width=128, pretrained=False)
 d = caches.data_cache(sys.argv[2], 96, 128, 101, sys.argv[3], threads=int(sys.argv[4]))
-f = caches.feature_cache(d, model.features, sys.argv[3])
+f = features.feature_cache(d, model.features, sys.argv[3])
 print(d.path, f.path)
 """
     built = []

@@ -23,12 +23,24 @@ def test_nothing_imports_upwards(package: str) -> None:
     assert not found, "\n".join(found)
 
 
+def _loaded(modules: str, heavy: tuple[str, ...]) -> str:
+    """Which of `heavy` importing `modules` in a fresh interpreter loads."""
+    code = f"import sys, {modules}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 @pytest.mark.parametrize("modules", ["worker.tasks", "scheduler.cli", "scheduler.control", "scheduler.api"])
 def test_workers_and_the_cli_import_no_torch(modules: str) -> None:
     """The Celery worker process (leases, commits, hand-offs), the CLI, `relay run` and the API
     start without torch, numpy or PIL (seconds of imports): only trainer processes train, and the
     scheduler loads weights only to check a job's init weights."""
-    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", f"importing {modules} loads {out.stdout.strip()}"
+    assert _loaded(modules, ("torch", "numpy", "PIL")) == "[]"
+
+
+@pytest.mark.parametrize("modules", ["segmodel.cache", "segmodel.samples"])
+def test_the_data_layer_imports_no_torch(modules: str) -> None:
+    """`relay data check` decodes every sample without importing torch (seconds on 2 cores), and
+    the data cache is built the same way."""
+    assert _loaded(modules, ("torch",)) == "[]"
