@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import PIL
 
+from segmodel.errors import CacheSpaceError, DataError, show_path
+from segmodel.lists import Sample, read_list
 from segmodel.samples import load_sample
 
 if TYPE_CHECKING:
     import torch
-from segmodel.lists import Sample, read_list
-from segmodel.errors import CacheSpaceError, DataError, show_path
 
 DATA_FORMAT = 2  # bump when load_sample's output for the same file could change
 
@@ -337,5 +337,3 @@ def open_or_build(parent: Path, key: str, open_: Callable[[Path, str, float], C 
     assert opened is not None
     return opened
 
-
-# ---- frozen features -------------------------------------------------------------------------------
