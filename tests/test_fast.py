@@ -119,13 +119,13 @@ def test_fast_loss_underflow_falls_back_to_the_exact_max(monkeypatch: pytest.Mon
     z += torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     t = _targets(torch.Generator().manual_seed(2), 2, 4, 40, 40, void=0.1)
     calls: list[bool] = []
-    real = fastloss._compiled()
+    real = fastloss._compiled(torch.device("cpu"), 1)
 
     def spy(*args):  # type: ignore[no-untyped-def]
         calls.append(args[-1])  # exact_max
         return real(*args)
 
-    monkeypatch.setattr(fastloss, "_compiled", lambda: spy)
+    monkeypatch.setattr(fastloss, "_compiled", lambda device, group: spy)
     l64, g64 = _loss_and_grad(fastloss.reference_loss, z.double(), t, (40, 40))
     l_fast, g_fast = _loss_and_grad(fastloss.upsample_cross_entropy, z, t, (40, 40))
     assert sorted(calls) == [False, False, True]  # both images, then the first one again
@@ -151,20 +151,43 @@ def test_fast_loss_rejects_bad_targets() -> None:
         fastloss.upsample_cross_entropy(z, torch.ones(1, 8, 9, dtype=torch.long), (8, 8))
 
 
-def test_compiled_and_plain_python_agree_bitwise() -> None:
+@pytest.mark.parametrize("group", [1, 3])
+def test_compiled_and_plain_python_agree_bitwise(group: int) -> None:
+    """Both passes: one image with void columns skipped (the CPU's), several at once (CUDA's)."""
     gen = torch.Generator().manual_seed(9)
-    z = torch.randn(3, 11, 4, 5, generator=gen)
-    t = _targets(gen, 3, 11, 30, 41)
-    compiled = fastloss._compiled()
-    assert compiled is not fastloss._group  # TorchScript is available here: the fast path is in use
+    z = torch.randn(group, 11, 4, 5, generator=gen)
+    t = _targets(gen, group, 11, 30, 41)
+    t[:, :, 10:25] = 0  # void columns in every block
+    compiled = fastloss._compiled(torch.device("cpu"), group)
+    plain = fastloss._image if group == 1 else fastloss._group
+    assert compiled is not plain  # TorchScript is available here: the fast path is in use
     blocks = fastloss._row_blocks(30, 4, 7, torch.float32, torch.device("cpu"))
     a_w = fastloss.interp_matrix(41, 5, torch.float32, torch.device("cpu"))
     for exact in (False, True):
         args = (z, t, 0, 1e-3, a_w, blocks, 7, True, exact)
-        ref = fastloss._group(*args)
+        ref = plain(*args)
         for _ in range(4):  # past TorchScript's profiling runs, into its optimised graph
             for x, y in zip(compiled(*args), ref):
                 assert torch.equal(x, y) if torch.is_tensor(x) else x == y
+
+
+def test_fast_loss_with_void_regions() -> None:
+    """Void as ADE20K's "thing" classes leave it, in regions: whole row blocks, column bands and an
+    all-void image beside counted ones. The CPU pass skips what is void; the result is PyTorch's."""
+    gen = torch.Generator().manual_seed(13)
+    z = torch.randn(4, 101, 6, 6, generator=gen) * 3
+    t = torch.randint(1, 101, (4, 240, 240), generator=gen)
+    t[0, :100] = 0  # the first blocks wholly void
+    t[0, :, 30:200] = 0  # a band of void columns through every block
+    t[1] = 0  # an all-void image in the batch
+    t[2, 120:, :] = 0  # the last grid row's block void
+    t[3, 50:60, 7] = 0  # a few void pixels: every column kept
+    (l_ref, g_ref), (l_fast, g_fast) = _ref_and_fast(z, t, (240, 240))
+    l64, g64 = _loss_and_grad(fastloss.reference_loss, z.double(), t, (240, 240))
+    assert abs(l_fast.item() - l64.item()) <= LOSS_RTOL * abs(l64.item())
+    assert (g_fast.double() - g64).abs().max().item() <= 1e-6 * g64.abs().max().item()
+    assert (g_fast - g_ref).abs().max().item() <= GRAD_RTOL * g_ref.abs().max().item()
+    assert not g_fast[1].any()  # nothing counted in the void image: its gradient is exactly 0
 
 
 def test_fast_loss_leaves_the_thread_count_alone() -> None:
