@@ -80,6 +80,7 @@ class ChunkRecord(BaseModel):
     images_per_s: float
     checkpoint_sha256: str
     environment: dict[str, Any] = Field(default_factory=dict)
+    trainer_wait_s: float = 0.0  # of ended_at - started_at: waiting for a starting trainer's imports (torch, Lightning)
 
 
 class Event(BaseModel):

@@ -11,6 +11,7 @@ from conftest import tiny_spec
 from segmodel.layout import JobLayout
 from segmodel.spec import ChunkPlan, TrainSpec
 from segmodel.train import chunk_range
+from worker.tbevents import EventFile
 from worker.trainer import GO, TrainerProcess
 
 
@@ -80,3 +81,24 @@ def test_a_retried_chunk_replaces_the_failed_attempts_steps(tiny_data: dict[str,
         latest[m["step"]] = m  # the retry's values win, as in the API
     assert len(latest) < sum(1 for _ in JobLayout(job_dir).metrics_file.open())  # steps 4..6 were trained twice
     assert [e.value for e in losses] == [float(np.float32(latest[s]["loss"])) for s in range(1, 9)]
+
+
+def test_files_opened_in_one_second_sort_in_the_order_they_were_opened(tmp_path: Path) -> None:
+    """Chunks shorter than a second, one after another: each file's name still sorts after the one
+    before (no waiting for the next second), and a retry's purge hides the lost attempt's steps."""
+    log_dir = tmp_path / "tensorboard"
+    chunks = [(".w1.c0.a1", None, range(1, 4)), (".lost.c1.a1", 4, range(4, 7)), (".w1.c1.a2", 4, range(4, 7)),
+              (".w2.c2.a1", 7, range(7, 9))]
+    opened = []
+    for i, (suffix, purge, steps) in enumerate(chunks):
+        f = EventFile(log_dir, suffix, purge)
+        opened.append(f.path.name)
+        for step in steps:
+            f.add_scalar("train/loss", 100.0 * i + step, step)
+        f.close()
+    assert sorted(opened) == opened
+    seconds = [int(name.split(".")[3]) for name in opened]
+    assert seconds == sorted(set(seconds))  # one second each, increasing
+    losses = _run(log_dir).Scalars("train/loss")
+    assert [(e.step, e.value) for e in losses] == [(s, float(s)) for s in (1, 2, 3)] + \
+        [(s, 200.0 + s) for s in (4, 5, 6)] + [(s, 300.0 + s) for s in (7, 8)]

@@ -315,10 +315,12 @@ def handle_train(rt: Runtime, job_id: str, chunk: int) -> str:
             files.push(f"c{chunk:05d}.a{attempt}.{rt.settings.node}")
             if result["stopped"] == "told":
                 result["stopped"] = watch.stop_reason
+            result["trainer_wait_s"] = round(rt.trainer.waited_s, 3)
         record = ChunkRecord(chunk=chunk, worker=result.get("worker", rt.settings.node), attempt=attempt,
                              ended=result["stopped"] or _planned_end(spec, plan, result["end_step"]),
-                             started_at=started, ended_at=time.time(), **{k: result[k] for k in (
-                                 "start_step", "end_step", "seconds", "loss_last", "images_per_s", "checkpoint_sha256", "environment")})
+                             started_at=started, ended_at=time.time(), trainer_wait_s=result.get("trainer_wait_s", 0.0),
+                             **{k: result[k] for k in ("start_step", "end_step", "seconds", "loss_last", "images_per_s",
+                                                       "checkpoint_sha256", "environment")})
 
         committed: dict[str, Any] = {}  # the commit log's line, once the state holds the commit
 

@@ -80,10 +80,13 @@ class TrainerProcess:
         self.stall_timeout_s = stall_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self._requests = 0
+        self._ready_at: float | None = None  # when the trainer said its imports were done (its clock: this machine's)
+        self.waited_s = 0.0  # how long the last request waited for that
 
     def start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
+        self._ready_at = None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.trainer"],
             stdin=subprocess.PIPE,
@@ -115,6 +118,7 @@ class TrainerProcess:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
         self._requests += 1
         rid = f"{os.getpid()}.{self._requests}"
+        sent = time.time()
         try:
             self.proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
             self.proc.stdin.flush()
@@ -124,6 +128,7 @@ class TrainerProcess:
         try:
             reply = self._await(rid, tick, tick_s)
             answered = True
+            self.waited_s = max(0.0, self._ready_at - sent) if self._ready_at is not None else 0.0
         finally:
             if not answered:  # abandoned: its late reply must not answer the next request
                 self.kill()
@@ -151,6 +156,9 @@ class TrainerProcess:
                 while b"\n" in pending:
                     line, pending = pending.split(b"\n", 1)
                     message = json.loads(line)
+                    if "ready" in message:
+                        self._ready_at = message["ready"]
+                        continue
                     if message.get("id") != rid:
                         continue  # not this request's (a trainer is killed before it can happen)
                     if "progress" not in message:
@@ -172,29 +180,20 @@ class TrainerProcess:
 
 def _serve() -> None:
     """The subprocess side: import torch once, then answer requests until stdin closes."""
-    from torch.utils.tensorboard import SummaryWriter
-
     from segmodel.lists import read_list
     from segmodel.evaluate import evaluate
     from segmodel.spec import ChunkPlan, TrainSpec
     from segmodel.engine import train_range
     from segmodel.jobs import append_jsonl
+    from worker.tbevents import EventFile
 
-    def open_tensorboard(job_dir: Path, tags: dict[str, Any], purge_step: int | None) -> SummaryWriter:
-        """A writer into the job's one TensorBoard run, <job_dir>/tensorboard, shared by every chunk
-        on every worker. TensorBoard reads a run's event files in name order, and names begin with
-        the creation second: wait for the next second if an earlier chunk's file has this one's
-        (chunks shorter than a second), so the files sort in training order. `purge_step` (the
-        chunk's first step) hides the steps a failed earlier attempt wrote past the last commit."""
-        log_dir = job_dir / "tensorboard"
-        newest = max((int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*")
-                      if p.name.split(".")[3].isdigit()), default=0)
-        deadline = time.time() + 2
-        while int(time.time()) <= newest and time.time() < deadline:
-            time.sleep(0.05)
+    def open_tensorboard(job_dir: Path, tags: dict[str, Any], purge_step: int | None) -> EventFile:
+        """A file in the job's one TensorBoard run, <job_dir>/tensorboard, shared by every chunk on
+        every worker (see worker.tbevents). `purge_step` (the chunk's first step) hides the steps
+        a failed earlier attempt wrote past the last commit."""
         who = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(tags.get("worker", "")))
         suffix = f".{who}.c{tags['chunk']}.a{tags['attempt']}" if "chunk" in tags else ".eval"
-        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step, flush_secs=5, filename_suffix=suffix)
+        return EventFile(job_dir / "tensorboard", suffix, purge_step)
 
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must not corrupt the reply channel
@@ -205,6 +204,7 @@ def _serve() -> None:
             out.write((json.dumps(message) + "\n").encode())
             out.flush()
 
+    send({"ready": time.time()})  # imports done: how long a first request waited for them is on record
     # Seconds to sleep after each step: a slower machine, for tests and demos of time budgets.
     throttle_s = float(os.environ.get("RELAY_THROTTLE_STEP_S", "0") or 0)
     # Until now SIGUSR1 was ignored (see _in_child). Its handler only sets a flag, read between
@@ -216,7 +216,7 @@ def _serve() -> None:
         request = json.loads(line)
         told_to_stop.clear()  # a stop meant for an earlier request; the worker repeats its own
         rid = request.get("id")
-        writer: SummaryWriter | None = None
+        writer: EventFile | None = None
 
         def progress(*what: Any) -> None:
             send({"id": rid, "progress": list(what)})
