@@ -50,6 +50,7 @@ class FakeTrainer:
                 "stopped": "told" if stopped else None}
 
     pid = None
+    waited_s = 0.0  # for a starting trainer's imports: none here
 
     def start(self) -> None:
         pass

@@ -281,6 +281,7 @@ class InlineTrainer:
     """The trainer's work done in this process: the real chunk training and evaluation."""
 
     pid = None
+    waited_s = 0.0  # for a starting trainer's imports: none here
 
     def __init__(self, cache: Path) -> None:
         self.cache = cache
