@@ -149,9 +149,9 @@ def _group(
     z: torch.Tensor, target: torch.Tensor, ignore_index: int, inv_n: float, a_w: torch.Tensor,
     blocks: List[Tuple[int, int, int, torch.Tensor, torch.Tensor]], rows: int, want_grad: bool, exact_max: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
-    """One pass over a group of G images (CUDA's; the CPU runs `_image`): (their share of the mean loss, the sum of
-    their valid pixels' nll * inv_n, as float64; its gradient d/dz (G, C, h, w) or None; whether
-    some pixel's sum of exps underflowed). TorchScript-compatible (see _compiled)."""
+    """One pass over a group of G images (CUDA's; the CPU runs `_image`): (their share of the mean
+    loss, the sum of their valid pixels' nll * inv_n, as float64; its gradient d/dz (G, C, h, w) or
+    None; whether some pixel's sum of exps underflowed). TorchScript-compatible (see _compiled)."""
     log2e, ln2, tiny = 1.4426950408889634, 0.6931471805599453, 1e-30  # (TorchScript takes no float globals)
     g, c, h = z.size(0), z.size(1), z.size(2)
     height, width = target.size(1), target.size(2)
@@ -237,7 +237,6 @@ def _image(
     hit = (above.index_select(0, bounds[:, 1]) - above.index_select(0, bounds[:, 0])) > 0  # (blocks, W)
     counts: List[int] = hit.sum(dim=1).tolist()
     hit_cols = hit.nonzero()[:, 1]  # block after block, columns ascending
-    first = 0
     if 0 <= ignore_index < c:
         tg = target[0].long()
     else:
@@ -248,7 +247,7 @@ def _image(
     s_all = torch.empty([height * width], dtype=z.dtype)
     ut_all = torch.empty_like(s_all)
     v_all = torch.empty_like(s_all)
-    used = 0
+    first, used = 0, 0  # into hit_cols; into the packed per-pixel buffers
     # d/dz as (w, h * C): the projection onto the grid columns is then an (w, m) @ (m, C) product,
     # 3x faster than (C, m) @ (m, w) (MKL on an output 6 wide)
     grad_t = torch.zeros([w, h * c], dtype=z.dtype)
