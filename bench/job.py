@@ -8,8 +8,8 @@ phases come from the job's own records: start-up (command start to the first chu
 the first chunk (cache build included, and its cache_build_s; `relay run` starts its worker with
 the job, so the chunk also waits for the trainer's imports: trainer_wait_s), later chunks
 (median), hand-offs (a chunk's end to the next one's start, median), evaluation (last chunk's
-end to the job's end), the whole job to its success and to the command's exit (which stops the
-worker: Celery's warm shutdown of an idle worker on the embedded transport takes ~5 s)). The seed: its Lightning loop over N epochs (`max_epochs=N`, PIL in `__getitem__`) and the
+end to the job's end), the whole job to its success and to the command's exit (after the warm
+shutdown of its idle worker, ~1.5 s). The seed: its Lightning loop over N epochs (`max_epochs=N`, PIL in `__getitem__`) and the
 seed path's evaluation of the validation set, in a fresh process. Random backbone weights on
 both sides (no download; same compute).
 """

@@ -24,6 +24,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("relay", include=["worker.tasks"])
     if settings.embedded:
         app.conf.broker_url = "filesystem://"
+        app.conf.broker_transport = "worker.fstransport:Transport"
         # Polling every 0.1 s keeps the hand-off between chunks well under a second.
         app.conf.broker_transport_options = {**broker_folders(settings), "store_processed": False, "polling_interval": 0.1}
     else:
