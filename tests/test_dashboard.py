@@ -81,10 +81,13 @@ def _step(page: Any, job_id: str) -> int:
 
 def test_dashboard_follows_a_job(procs: Procs, redis_url: str, tiny_data: dict[str, Path], browser: Any, tmp_path: Path) -> None:
     procs.env["RELAY_API_TOKEN"] = TOKEN  # changes need it; the CLI sends it, the page must ask for it
-    cluster = Cluster(procs, redis_url)
+    # Steps of at least half a second: the job must still run while the page is clicked through
+    # (a 2-step chunk of tiny data takes a fraction of a second).
+    slow = {"RELAY_THROTTLE_STEP_S": "0.5"}
+    cluster = Cluster(procs, redis_url, {"w1": ([], slow), "w2": ([], slow)})
     shots = Path(os.environ.get("RELAY_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
-    # 240x240 inputs and 2-step chunks: 5 epochs of 4 steps in 10 chunks, long enough to watch.
+    # 240x240 inputs and 2-step chunks: 5 epochs of 4 steps in 10 chunks.
     spec = tiny_spec(tiny_data, height=240, width=240, epochs=5, chunk_steps=2)
     job_id = cluster.submit(spec)
 
