@@ -140,6 +140,9 @@ class Rig:
                         RELAY_API_URL=f"http://127.0.0.1:{self.api_port}", RELAY_LEASE_TTL_S="3",
                         RELAY_RECONCILE_INTERVAL_S="0.5", RELAY_RECONCILE_GRACE_S="3", RELAY_MAX_ATTEMPTS="20",
                         RELAY_STALL_TIMEOUT_S="30", **s3)
+        # Steps of at least 0.2 s: a job of 20 tiny steps lasts a few seconds, so the faults (drawn
+        # 0.5-2.5 s apart) land while it trains, not after it has ended.
+        self.env["RELAY_THROTTLE_STEP_S"] = "0.2"
         self.redis: subprocess.Popen[bytes] | None = None
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
