@@ -27,7 +27,7 @@ from segmodel.classes import class_names
 from segmodel.data import to_tensors
 from segmodel.lists import read_list
 from segmodel.samples import load_sample
-from segmodel.fastloss import _pool, single_threaded
+from segmodel.fastloss import _pool
 from segmodel.layout import JobLayout
 from segmodel.metrics import ConfusionMatrix, summarize
 from segmodel.model import model_from_state
@@ -133,8 +133,7 @@ def _confusion_fast(
         labels = data.label_batch(idx)
         threads = torch.get_num_threads()
         if device.type == "cpu" and threads > 1:
-            with single_threaded():
-                results = list(_pool(threads).map(one, z, labels))
+            results = list(_pool(threads).map(one, z, labels))
         else:
             results = [one(zi, li) for zi, li in zip(z, labels)]
         for i, (pred, cnt) in zip(idx, results):

@@ -27,7 +27,7 @@ Here the same value and its gradient come from one pass over row blocks that sta
   of an image void: the benchmark's data keeps ~51% of the block columns (the step 1.3-1.45x
   faster), the real sample in tests/data ~9%.
 * CPU: images run in parallel on a small thread pool, as many threads as torch's intra-op count,
-  while torch itself runs single-threaded (`single_threaded`): two thousand small ops per step,
+  each running torch single-threaded (`_one_torch_thread`): two thousand small ops per step,
   each an OpenMP fork/join, collapse when the machine is oversubscribed (a descheduled team
   member stalls every barrier: 0.2 s/step became 2-5 s on a shared 2-core machine); whole images
   per thread have no barriers. Each image's arithmetic is then the same whatever the thread count,
@@ -339,23 +339,19 @@ def _one_torch_thread() -> None:
     init, a fresh thread's first ops ran with another count, so the first step after a process
     started differed in the last bit from the same step in a warm process: a chunk resumed on a
     fresh worker did not end bitwise equal to the uninterrupted run (tests/test_fast.py)."""
-    torch.set_num_threads(1)  # the pool only starts threads inside single_threaded: the process count is 1 already
+    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """torch (OpenMP and MKL) on one thread inside the block, in every thread of the process.
-
-    torch.set_num_threads is process-wide for threads that OpenMP did not start (measured: a
-    count set in a pool thread is what the main thread and every other pool thread then see), so
-    the pool's threads cannot each keep their own count of 1: the whole process runs on one torch
-    thread while the pool works, and gets its count back after.
-    """
+    """torch (OpenMP and MKL) on one thread in the calling thread inside the block, which gets its
+    count back after (the count is per thread: the pool's threads keep their 1, `_one_torch_thread`).
+    Adam's update runs in it, so its elementwise pieces are split the same way on every machine."""
     before = torch.get_num_threads()
     if before == 1:
         yield
         return
-    torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -424,12 +420,9 @@ def _each_image(device: torch.device, starts: list[int], one: Any) -> list[torch
     single-threaded); starts whose sum of exps underflowed are redone with the exact max."""
     def each(subset: list[int], exact_max: bool) -> list[tuple[torch.Tensor, bool]]:
         threads = torch.get_num_threads()
-        if device.type != "cpu":
+        if device.type != "cpu" or threads == 1:
             return [one(a, exact_max) for a in subset]
-        with single_threaded():
-            if threads == 1:
-                return [one(a, exact_max) for a in subset]
-            return list(_pool(threads).map(lambda a: one(a, exact_max), subset))
+        return list(_pool(threads).map(lambda a: one(a, exact_max), subset))
 
     results = dict(zip(starts, each(starts, False)))
     flagged = [a for a, (_, underflow) in results.items() if underflow]
