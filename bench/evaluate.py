@@ -28,7 +28,7 @@ from epoch import generate  # noqa: E402
 
 from segmodel import checkpoint  # noqa: E402
 from segmodel.evaluate import evaluate  # noqa: E402
-from segmodel.model import build_model  # noqa: E402
+from segmodel.net import build_model  # noqa: E402
 from segmodel.spec import TrainSpec  # noqa: E402
 
 

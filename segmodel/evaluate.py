@@ -30,7 +30,7 @@ from segmodel.samples import load_sample
 from segmodel.fastloss import _pool
 from segmodel.layout import JobLayout
 from segmodel.metrics import ConfusionMatrix, summarize
-from segmodel.model import model_from_state
+from segmodel.net import model_from_state
 from segmodel.spec import TrainSpec
 from segmodel.train import environment, pick_device
 from segmodel.visualize import save_prediction_grid

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from segmodel.errors import InitWeightsError, show_path
-from segmodel.model import build_model, seed_names
+from segmodel.net import build_model, seed_names
 from segmodel.spec import TrainSpec
 
 _LIST = 8  # keys named per problem before "and N more"

@@ -23,7 +23,7 @@ from segmodel.data import SegmentationDataset, epoch_order
 from segmodel.lists import read_list
 from segmodel.errors import CheckpointError, TrainingError
 from segmodel.layout import JobLayout
-from segmodel.model import SegmentationNN, build_model, model_from_state
+from segmodel.net import SegNet, build_model, model_from_state
 from segmodel.spec import ChunkPlan, TrainSpec
 
 CHECKPOINT_FORMAT = 1
@@ -69,7 +69,7 @@ def pick_device(spec: TrainSpec) -> torch.device:
     return torch.device("cuda") if spec.queue == "gpu" and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _fresh_state(spec: TrainSpec, layout: JobLayout, device: torch.device) -> tuple[SegmentationNN, torch.optim.Optimizer]:
+def _fresh_state(spec: TrainSpec, layout: JobLayout, device: torch.device) -> tuple[SegNet, torch.optim.Optimizer]:
     """Step 0: the seeded model, or the job's copy of its init weights, with a fresh optimizer (as
     the student's manual relay had). The RNG is seeded and drawn from the same either way."""
     torch.manual_seed(spec.seed)
@@ -85,7 +85,7 @@ def _fresh_state(spec: TrainSpec, layout: JobLayout, device: torch.device) -> tu
     return model, model.configure_optimizers()
 
 
-def _restore(spec: TrainSpec, path: Path, device: torch.device, step: int) -> tuple[SegmentationNN, torch.optim.Optimizer]:
+def _restore(spec: TrainSpec, path: Path, device: torch.device, step: int) -> tuple[SegNet, torch.optim.Optimizer]:
     state = checkpoint.load(path)
     if state.get("step") != step or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: holds step {state.get('step')} (format {state.get('format')}), expected step {step}")
@@ -115,7 +115,7 @@ def model_state(path: Path) -> dict[str, Any]:
     return _with_backbone(path, checkpoint.load(path))
 
 
-def _slim(layout: JobLayout, model: SegmentationNN) -> dict[str, Any]:
+def _slim(layout: JobLayout, model: SegNet) -> dict[str, Any]:
     """What a chunk checkpoint must hold of the model: the trainable parameters and buffers. The
     frozen ones never change, so they go to the job's backbone file once (~10 MB of AlexNet)."""
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -154,7 +154,7 @@ def _batches(plan: ChunkPlan, n: int, seed: int, batch_size: int, start: int, en
 
 def _begin(
     spec: TrainSpec, job_dir: Path | str, start: int, end: int, device: torch.device, n_samples: int,
-) -> tuple[JobLayout, ChunkPlan, SegmentationNN, torch.optim.Optimizer]:
+) -> tuple[JobLayout, ChunkPlan, SegNet, torch.optim.Optimizer]:
     """Validate the step range and bring up the model and optimizer as they were at `start`."""
     layout = JobLayout(Path(job_dir))
     plan = ChunkPlan(spec, n_samples)
@@ -171,7 +171,7 @@ def _begin(
 def _run_steps(
     layout: JobLayout,
     plan: ChunkPlan,
-    model: SegmentationNN,
+    model: SegNet,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     start: int,

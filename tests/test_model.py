@@ -5,12 +5,15 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 from pytorch_lightning.utilities.model_summary import ModelSummary
 from torchvision.models import alexnet
 
 from segmodel.errors import PretrainedWeightsUnavailable
-from segmodel.model import SegmentationNN, build_model
+from segmodel.model import SegmentationNN
+from segmodel.net import SegNet, build_model
 from segmodel.spec import TrainSpec
 
 FEATURE_PARAMS = 2_469_696  # AlexNet features (5 convs)
@@ -40,7 +43,7 @@ def test_build_model_from_spec_matches_seed_counts() -> None:
     spec = TrainSpec(train="t.txt", val="v.txt", pretrained=False)
     model = build_model(spec)
     assert _counts(model) == (CLASSIFIER_PARAMS, FEATURE_PARAMS)
-    assert model.hparams.num_classes == 101
+    assert isinstance(model, SegNet) and model.num_classes == 101
     # seed parameter names: its own code loads our state dicts
     names = set(model.state_dict())
     assert {"features.0.weight", "features.10.bias", "conv_to101.weight", "conv_to101.bias"} <= names
@@ -78,6 +81,24 @@ def test_frozen_backbone_optimizer_holds_classifier_only() -> None:
     assert isinstance(opt, torch.optim.Adam)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == CLASSIFIER_PARAMS
     assert isinstance(SegmentationNN(pretrained=False, optimizer="sgd").configure_optimizers(), torch.optim.SGD)
+
+
+def test_the_seed_class_is_the_engines_network_with_lightnings_hooks(tmp_path: Path) -> None:
+    """SegmentationNN (what users and Lightning's Trainer get) is SegNet (what the engines train)
+    plus the seed's hooks: the same names and the same outputs, and Lightning fits it."""
+    torch.manual_seed(0)
+    seed = SegmentationNN(num_classes=7, height=64, width=64, lr=0.1, pretrained=False)
+    net = SegNet(num_classes=7, height=64, width=64, pretrained=False)
+    net.load_state_dict(seed.state_dict())  # strict: the same names and shapes
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 7, (4, 64, 64))
+    assert torch.equal(seed.eval()(x), net.eval()(x))
+    assert isinstance(seed, pl.LightningModule) and not isinstance(net, pl.LightningModule)
+    assert (seed.hparams.num_classes, seed.hparams.lr, seed.hparams.optimizer) == (7, 0.1, "adam")
+    before = seed.conv_to101.weight.detach().clone()
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(seed.train(), DataLoader(TensorDataset(x, y), batch_size=2))
+    assert trainer.global_step == 2 and not torch.equal(seed.conv_to101.weight, before)
 
 
 @pytest.mark.timeout(60)

@@ -29,7 +29,8 @@ from segmodel.errors import InitWeightsError
 from segmodel.evaluate import evaluate
 from segmodel.initweights import read_init_weights
 from segmodel.layout import JobLayout
-from segmodel.model import SegmentationNN, build_model, seed_names
+from segmodel.model import SegmentationNN
+from segmodel.net import build_model, seed_names
 from segmodel.spec import ChunkPlan, TrainSpec
 from segmodel.train import train_steps
 from worker import tasks

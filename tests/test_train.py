@@ -15,6 +15,7 @@ from segmodel import checkpoint
 from segmodel.errors import CheckpointError, TrainingError
 from segmodel.layout import JobLayout
 from segmodel.model import SegmentationNN
+from segmodel.net import SegNet
 from segmodel.spec import ChunkPlan, TrainSpec
 from segmodel.synthetic import generate
 from segmodel.train import ChunkResult, model_state, train_chunk, train_steps
@@ -264,7 +265,7 @@ def test_step_range_validated(spec: TrainSpec, tmp_path: Path) -> None:
 
 def test_nan_loss_raises_naming_the_step(spec: TrainSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = SegmentationNN.compute_loss
+    real = SegNet.compute_loss
 
     def nan_on_third(self, images, targets):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -272,14 +273,14 @@ def test_nan_loss_raises_naming_the_step(spec: TrainSpec, tmp_path: Path, monkey
             return torch.tensor(float("nan"), requires_grad=True)
         return real(self, images, targets)
 
-    monkeypatch.setattr(SegmentationNN, "compute_loss", nan_on_third)
+    monkeypatch.setattr(SegNet, "compute_loss", nan_on_third)
     with pytest.raises(TrainingError) as info:
         train_steps(spec, tmp_path, 0, STEPS_PER_EPOCH)
     assert "step 2" in str(info.value)
     assert "nan" in str(info.value).lower()
     assert JobLayout(tmp_path).checkpoint_steps() == []  # nothing half-trained was saved
 
-    monkeypatch.setattr(SegmentationNN, "compute_loss", lambda self, x, y: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(SegNet, "compute_loss", lambda self, x, y: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(TrainingError) as info:
         train_steps(spec, tmp_path, 0, 2)
     assert "step 0" in str(info.value)
