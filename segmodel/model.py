@@ -3,6 +3,9 @@ engines train, parameter names and arithmetic the seed's) with the seed's Lightn
 `pytorch_lightning.Trainer(...).fit(SegmentationNN(), loader)` trains it as the student did."""
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 
@@ -10,19 +13,13 @@ from segmodel.net import SegNet
 
 
 class SegmentationNN(SegNet, pl.LightningModule):
-    def __init__(
-        self,
-        num_classes: int = 101,
-        height: int = 240,
-        width: int = 240,
-        lr: float = 1e-2,
-        optimizer: str = "adam",
-        freeze_backbone: bool = True,
-        pretrained: bool = False,
-        pretrained_path: str | None = None,
-    ) -> None:
-        super().__init__(num_classes, height, width, lr, optimizer, freeze_backbone, pretrained, pretrained_path)
-        self.save_hyperparameters()
+    __signature__ = inspect.signature(SegNet)  # SegNet's arguments: what help() and editors show
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        bound = inspect.signature(SegNet).bind(*args, **kwargs)
+        bound.apply_defaults()
+        self.save_hyperparameters(dict(bound.arguments))  # hparams by name, as the seed's class had them
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(*batch)
