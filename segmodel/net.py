@@ -1,7 +1,7 @@
 """SegNet: the seed's network, exactly (frozen AlexNet features, 1x1 conv, bilinear upsample), as a
 plain nn.Module: what the engines build and train. `segmodel.model.SegmentationNN` is the same
 network as a LightningModule, the seed's class, for users' code and Lightning's Trainer. Kept
-apart so that a trainer does not import Lightning: 0.3-0.6 s of every trainer's start on 2 cores."""
+apart so that a trainer does not import Lightning: 0.3-1 s of every trainer's start on 2 cores."""
 from __future__ import annotations
 
 from collections.abc import Mapping

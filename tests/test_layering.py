@@ -47,6 +47,6 @@ def test_the_data_layer_imports_no_torch(modules: str) -> None:
 
 
 def test_a_trainer_imports_no_lightning() -> None:
-    """A trainer process trains and evaluates `segmodel.net.SegNet`; Lightning (0.3-0.6 s of a
+    """A trainer process trains and evaluates `segmodel.net.SegNet`; Lightning (0.3-1 s of a
     trainer's start on 2 cores) is the seed's class's (`segmodel.model`), for users' code."""
     assert _loaded("worker.trainer, segmodel.engine, segmodel.evaluate, segmodel.initweights", ("pytorch_lightning", "lightning")) == "[]"
