@@ -17,7 +17,7 @@ class SegmentationNN(SegNet, pl.LightningModule):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        bound = inspect.signature(SegNet).bind(*args, **kwargs)
+        bound = self.__signature__.bind(*args, **kwargs)
         bound.apply_defaults()
         self.save_hyperparameters(dict(bound.arguments))  # hparams by name, as the seed's class had them
 

@@ -85,7 +85,7 @@ class SegNet(nn.Module):
         pretrained_path: str | None = None,
     ) -> None:
         super().__init__()
-        self.num_classes, self.lr, self.optimizer_name = num_classes, lr, optimizer
+        self.lr, self.optimizer_name = lr, optimizer
         self.features = _alexnet_features(pretrained, pretrained_path)
         if freeze_backbone:
             for p in self.features.parameters():

@@ -43,7 +43,7 @@ def test_build_model_from_spec_matches_seed_counts() -> None:
     spec = TrainSpec(train="t.txt", val="v.txt", pretrained=False)
     model = build_model(spec)
     assert _counts(model) == (CLASSIFIER_PARAMS, FEATURE_PARAMS)
-    assert isinstance(model, SegNet) and model.num_classes == 101
+    assert isinstance(model, SegNet) and model.conv_to101.out_channels == 101
     # seed parameter names: its own code loads our state dicts
     names = set(model.state_dict())
     assert {"features.0.weight", "features.10.bias", "conv_to101.weight", "conv_to101.bias"} <= names
